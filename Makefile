@@ -1,0 +1,22 @@
+# The two set-up commands of README.md: `make run` and `make test`.
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+MODEL ?= smollm2-135m
+
+.PHONY: setup run test bench clean
+setup:
+	@./scripts/bootstrap.sh
+
+run: setup
+	$(BIN)/edged pull $(MODEL)
+	$(BIN)/edged run $(MODEL)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/edged pull $(MODEL)
+	$(BIN)/edged bench --model $(MODEL)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,333 @@
+"""Command line: `edged run|pull|convert|list|show|rm|bench`.
+
+Errors are one line on stderr and a non-zero exit; --debug shows tracebacks.
+Conversion imports stay inside their commands so `edged --help` and the
+runtime commands work without the convert extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from edged import __version__
+from edged.errors import EdgedError
+
+
+def _progress():
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _store(args):
+    from edged.models.store import ModelStore
+
+    return ModelStore()
+
+
+def cmd_pull(args) -> int:
+    from edged.models.registry import resolve
+    from edged.models.store import sha256_file
+
+    store = _store(args)
+    entry, path = resolve(args.model)
+    digest = sha256_file(path)
+    try:
+        existing = store.get(args.model)
+        if existing.manifest["source"].get("sha256") == digest:
+            store.verify(existing, mode="full")
+            print(f"{args.model} is up to date ({existing.path})")
+            return 0
+    except EdgedError:
+        pass  # missing, corrupt or from another source: prepare it again
+    from edged.models.convert import convert
+
+    import importlib.metadata
+
+    info = {
+        "package": entry.package,
+        "package_version": importlib.metadata.version(entry.package),
+        "file": entry.filename,
+        "sha256": digest,
+        "license": entry.license,
+        "description": entry.description,
+    }
+    model = convert(path, args.model, target=args.target, store=store, progress=_progress(), source_info=info)
+    _print_gate(model.manifest)
+    print(f"pulled {args.model} -> {model.path}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from edged.models.convert import convert
+    from edged.models.store import sha256_file
+
+    src = Path(args.source)
+    info = {"sha256": sha256_file(src)} if src.is_file() else {}
+    model = convert(
+        src, args.name, target=args.target, scheme=args.scheme, store=_store(args), progress=_progress(), source_info=info
+    )
+    _print_gate(model.manifest)
+    print(f"converted {args.source} -> {model.name} ({model.path})")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def cmd_list(args) -> int:
+    models = _store(args).list()
+    if args.json:
+        print(json.dumps([{"name": m.name, **_summary(m)} for m in models], indent=2))
+        return 0
+    print(f"{'NAME':<24}{'QUANT':<16}{'TARGET':<8}{'SIZE':>10}  {'GATE':<10}CREATED")
+    for m in models:
+        s = _summary(m)
+        print(f"{m.name:<24}{s['quantization']:<16}{s['target']:<8}{_human(s['size']):>10}  {s['gate']:<10}{s['created']}")
+    return 0
+
+
+def _summary(m) -> dict:
+    man = m.manifest
+    return {
+        "quantization": man["quantization"]["scheme"],
+        "target": man["target"],
+        "size": m.size_bytes,
+        "gate": man.get("gate", {}).get("status", "?"),
+        "created": man.get("created", ""),
+    }
+
+
+def _print_gate(man: dict) -> None:
+    g = man.get("gate", {})
+    if g.get("status") in ("passed", "failed"):
+        print(
+            f"quality gate: {g['status']}: perplexity ratio {g['perplexity_ratio']:.4f} "
+            f"(int8 {g['perplexity_int8']:.3f} / fp32 {g['perplexity_fp32']:.3f}, max {g['thresholds']['max_perplexity_ratio']}), "
+            f"agreement {g['agreement']:.4f} over {g['agreement_tokens']} tokens (min {g['thresholds']['min_agreement']})"
+        )
+    else:
+        print(f"quality gate: {g.get('status', 'unknown')}: {g.get('reason', '')}")
+
+
+def cmd_show(args) -> int:
+    store = _store(args)
+    m = store.get(args.model)
+    if args.verify:
+        store.verify(m, mode="full")
+    man = m.manifest
+    if args.json:
+        print(json.dumps(man, indent=2))
+        return 0
+    q = man["quantization"]
+    print(f"  name            {m.name}")
+    print(f"  path            {m.path}")
+    print(f"  architecture    {man['architecture']}")
+    print(f"  source          {man['source'].get('description') or man['source']['path']}")
+    print(f"  target          {man['target']}")
+    print(f"  quantization    {q['scheme']}")
+    print(f"  context length  {man['context_length']}")
+    print(f"  size            {_human(m.size_bytes)}")
+    print(f"  created         {man.get('created')}")
+    if man.get("generation_defaults"):
+        print(f"  defaults        {json.dumps(man['generation_defaults'])}")
+    print("  ", end="")
+    _print_gate(man)
+    if args.verify:
+        print("  files           verified (sha256)")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    _store(args).remove(args.model)
+    print(f"deleted {args.model}")
+    return 0
+
+
+def _options_from_args(args) -> dict:
+    opts = {}
+    for key in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "num_predict", "num_ctx"):
+        v = getattr(args, key, None)
+        if v is not None:
+            opts[key] = v
+    if args.stop:
+        opts["stop"] = args.stop
+    return opts
+
+
+def cmd_run(args) -> int:
+    from edged.engine.engine import Engine
+    from edged.engine.request import GenerateRequest
+    from edged.engine.runner import EngineConfig
+
+    engine = Engine.load(args.model, config=EngineConfig(threads=args.threads))
+    opts = _options_from_args(args)
+    if args.prompt is not None:
+        prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+        req = GenerateRequest.from_dict({"prompt": prompt, "system": args.system, "raw": args.raw, "options": opts})
+        _stream(engine, req, args.verbose)
+        return 0
+    return _chat(engine, args, opts)
+
+
+def _stream(engine, req, verbose: bool) -> str:
+    gen = engine.generate(req)
+    tty = sys.stdout.isatty()
+    try:
+        for delta in gen:
+            if tty:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        gen.cancel.set()
+    if not tty:
+        sys.stdout.write(gen.text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose and gen.stats:
+        s = gen.stats
+        rate = s["eval_count"] / (s["eval_duration"] / 1e9) if s["eval_duration"] else 0.0
+        print(
+            f"prompt {s['prompt_eval_count']} tokens in {s['prompt_eval_duration'] / 1e6:.0f} ms; "
+            f"{s['eval_count']} tokens at {rate:.1f} tok/s; done: {s['done_reason']}",
+            file=sys.stderr,
+        )
+    return gen.text
+
+
+def _chat(engine, args, opts) -> int:
+    from edged.engine.request import GenerateRequest
+
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"edged {__version__}, model {engine.model.name}. Type /bye or Ctrl-D to leave.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit", "/quit"):
+            return 0
+        if text == "/clear":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        req = GenerateRequest.from_dict({"messages": messages, "options": opts})
+        try:
+            answer = _stream(engine, req, args.verbose)
+        except EdgedError as e:
+            messages.pop()
+            print(f"error: {e.message}", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": answer})
+
+
+def cmd_bench(args) -> int:
+    from edged.ops.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edged.models.quantize import TARGETS
+
+    p = argparse.ArgumentParser(prog="edged", description="On-device language models for Raspberry Pi class boards.")
+    p.add_argument("--version", action="version", version=f"edged {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="answer one prompt, or chat interactively")
+    r.add_argument("model")
+    r.add_argument("prompt", nargs="?", help="prompt text ('-' reads stdin); omit for an interactive chat")
+    r.add_argument("--system", help="system message")
+    r.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    r.add_argument("--temperature", type=float)
+    r.add_argument("--top-k", dest="top_k", type=int)
+    r.add_argument("--top-p", dest="top_p", type=float)
+    r.add_argument("--min-p", dest="min_p", type=float)
+    r.add_argument("--repeat-penalty", dest="repeat_penalty", type=float)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--num-predict", dest="num_predict", type=int)
+    r.add_argument("--num-ctx", dest="num_ctx", type=int)
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
+    r.add_argument("--verbose", "-v", action="store_true", help="print timings")
+    r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("pull", help="prepare an embedded model (smollm2-135m)")
+    pl.add_argument("model")
+    pl.add_argument("--target", choices=TARGETS, help="ISA to quantize for (default: this host)")
+    pl.set_defaults(func=cmd_pull)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face folder or a .gguf file")
+    c.add_argument("source")
+    c.add_argument("--name", required=True)
+    c.add_argument("--target", choices=TARGETS, help="ISA to quantize for (default: this host)")
+    c.add_argument("--precision", choices=["int8"], default="int8")
+    c.add_argument("--scheme", help=argparse.SUPPRESS)  # force a scheme (tests of the gate)
+    c.set_defaults(func=cmd_convert)
+
+    ls = sub.add_parser("list", help="list installed models")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+
+    sh = sub.add_parser("show", help="show a model's manifest and quality gate")
+    sh.add_argument("model")
+    sh.add_argument("--json", action="store_true")
+    sh.add_argument("--verify", action="store_true", help="re-hash every file")
+    sh.set_defaults(func=cmd_show)
+
+    rm = sub.add_parser("rm", help="delete a model")
+    rm.add_argument("model")
+    rm.set_defaults(func=cmd_rm)
+
+    b = sub.add_parser("bench", help="benchmark against llama.cpp and onnxruntime-genai")
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--no-anchors", action="store_true", help="measure edged only")
+    b.add_argument("--out", default="bench/results.json")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except EdgedError as e:
+        if args.debug:
+            raise
+        print(f"edged: error: {e.message}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"edged: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

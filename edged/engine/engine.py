@@ -1,0 +1,216 @@
+"""The engine: one loaded model, generating one request at a time.
+
+Transports and the scheduler call exactly this API:
+
+    engine = Engine.load("smollm2-135m", config=EngineConfig())
+    gen = engine.generate(GenerateRequest(prompt="hi"), cancel=threading.Event())
+    for delta in gen: ...          # UTF-8-safe text deltas
+    gen.stats                      # Ollama's final stats (names and units)
+
+`prepare` (template + tokenize + context check) is separate from decoding so a
+scheduler can reject a request before it queues, and so batching can later
+drive several prepared sequences through one runner.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tokenizers import Tokenizer
+
+from edged.engine.detok import IncrementalDecoder
+from edged.engine.request import DEFAULT_OPTIONS, GenerateRequest, Options
+from edged.engine.runner import EngineConfig, GraphInfo, Runner
+from edged.engine.sampling import Sampler
+from edged.engine.stops import StopMatcher
+from edged.engine.template import ChatTemplate
+from edged.errors import ContextOverflow, ModelCorrupt, RequestError
+from edged.models.store import Model, ModelStore
+
+
+@dataclass(frozen=True)
+class Prepared:
+    tokens: list[int]
+    options: Options
+    capacity: int  # KV slots this request needs
+    max_new: int
+    truncated: int  # prompt tokens dropped to fit
+
+
+class Engine:
+    def __init__(self, model: Model, config: EngineConfig, *, load_ns: int = 0):
+        t0 = time.perf_counter_ns()
+        m = model.manifest
+        self.model = model
+        self.config = config
+        self.info = GraphInfo.from_manifest(m["graph"])
+        self.tokenizer = Tokenizer.from_file(str(model.file("tokenizer")))
+        tmpl_path = m["files_by_role"].get("chat_template")
+        self.template = (
+            ChatTemplate(
+                (model.path / tmpl_path).read_text(),
+                bos_token=m.get("bos_token") or "",
+                eos_token=m.get("eos_token") or "",
+            )
+            if tmpl_path
+            else None
+        )
+        self.eos_ids = frozenset(m["eos_token_ids"])
+        self.context_length = int(m["context_length"])
+        self.defaults = Options.from_dict({**_defaults_without_none(), **m.get("generation_defaults", {})})
+        self.runner = Runner(str(model.file("model")), self.info, config)
+        self.load_duration = load_ns + (time.perf_counter_ns() - t0)
+        self._unreported_load = self.load_duration
+        self.lock = threading.Lock()  # one generation at a time per engine
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, *, config: EngineConfig | None = None, store: ModelStore | None = None):
+        config = config or EngineConfig()
+        t0 = time.perf_counter_ns()
+        p = Path(name_or_path)
+        if p.is_dir() and (p / "edged-model.json").is_file():
+            model = ModelStore(p.parent).get(p.name)
+            store = ModelStore(p.parent)
+        else:
+            store = store or ModelStore()
+            model = store.get(str(name_or_path))
+        store.verify(model, mode=config.verify)
+        try:
+            return cls(model, config, load_ns=time.perf_counter_ns() - t0)
+        except ModelCorrupt:
+            raise
+        except Exception as e:  # onnxruntime/tokenizers refuse a damaged file
+            raise ModelCorrupt(f"model {model.name!r} could not be loaded: {e}") from None
+
+    # -- preparation -----------------------------------------------------------
+    def render(self, req: GenerateRequest) -> str:
+        if req.raw:
+            return req.prompt or ""
+        messages = list(req.messages) if req.messages is not None else [{"role": "user", "content": req.prompt}]
+        if req.system is not None:
+            messages = [m for m in messages if m["role"] != "system"]
+            messages.insert(0, {"role": "system", "content": req.system})
+        if self.template is None:
+            return "\n".join(m["content"] for m in messages)
+        return self.template.render(messages, add_generation_prompt=True)
+
+    def prepare(self, req: GenerateRequest) -> Prepared:
+        opts = Options.from_dict(req.options, base=self.defaults)
+        text = self.render(req)
+        tokens = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not tokens:
+            raise RequestError("prompt is empty", field="prompt")
+        n_ctx = min(opts.num_ctx or self.context_length, self.context_length)
+        truncated = 0
+        if len(tokens) >= n_ctx:
+            if not opts.truncate:
+                raise ContextOverflow(
+                    f"prompt is {len(tokens)} tokens; the context holds {n_ctx} "
+                    f"(set options.truncate=true to drop the oldest tokens, or raise options.num_ctx)",
+                    prompt_tokens=len(tokens),
+                    num_ctx=n_ctx,
+                )
+            keep = n_ctx - (opts.num_predict if 0 < opts.num_predict < n_ctx // 2 else n_ctx // 4)
+            truncated = len(tokens) - keep
+            tokens = tokens[-keep:]
+        room = n_ctx - len(tokens)
+        max_new = room if opts.num_predict < 0 else min(opts.num_predict, room)
+        return Prepared(tokens, opts, len(tokens) + max_new, max_new, truncated)
+
+    # -- generation ------------------------------------------------------------
+    def generate(self, req: GenerateRequest, *, cancel: threading.Event | None = None) -> "Generation":
+        return Generation(self, self.prepare(req), cancel)
+
+    def describe(self) -> dict:
+        m = self.model.manifest
+        return {
+            "name": self.model.name,
+            "quantization": m["quantization"]["scheme"],
+            "target": m["target"],
+            "context_length": self.context_length,
+            "threads": self.config.effective_threads,
+            "size": self.model.size_bytes,
+        }
+
+
+def _defaults_without_none() -> dict:
+    return {k: v for k, v in DEFAULT_OPTIONS.items() if v is not None}
+
+
+class Generation:
+    """Iterate for text deltas; afterwards `stats`, `text` and `done_reason` are set."""
+
+    def __init__(self, engine: Engine, prepared: Prepared, cancel: threading.Event | None):
+        self.engine = engine
+        self.prepared = prepared
+        self.cancel = cancel or threading.Event()
+        self.done_reason: str | None = None
+        self.text = ""
+        self.tokens: list[int] = []
+        self.stats: dict = {}
+
+    def __iter__(self) -> Iterator[str]:
+        eng, p = self.engine, self.prepared
+        t_start = time.perf_counter_ns()
+        with eng.lock:
+            load_ns, eng._unreported_load = eng._unreported_load, 0
+            sampler = Sampler(p.options)
+            detok = IncrementalDecoder(eng.tokenizer)
+            stops = StopMatcher(p.options.stop)
+            seq = eng.runner.sequence(p.capacity)
+            history = list(p.tokens)
+            t0 = time.perf_counter_ns()
+            logits = seq.forward(p.tokens)
+            t_prompt = time.perf_counter_ns() - t0
+            t1 = time.perf_counter_ns()
+            reason = "length"
+            stop_string = False
+            n = 0
+            while n < p.max_new:
+                if self.cancel.is_set():
+                    reason = "cancel"
+                    break
+                tok = sampler(logits, history)
+                n += 1
+                if tok in eng.eos_ids:
+                    reason = "stop"
+                    break
+                history.append(tok)
+                self.tokens.append(tok)
+                out, hit = stops.feed(detok.push(tok))
+                if out:
+                    self.text += out
+                    yield out
+                if hit:
+                    reason, stop_string = "stop", True
+                    break
+                if n < p.max_new:
+                    logits = seq.forward([tok])
+            if not stop_string:
+                tail, _ = stops.feed(detok.flush())
+                tail += stops.flush()
+                if tail:
+                    self.text += tail
+                    yield tail
+            t_eval = time.perf_counter_ns() - t1
+        self.done_reason = reason
+        self.stats = {
+            "done_reason": reason,
+            "prompt_eval_count": len(p.tokens),
+            "prompt_eval_duration": t_prompt,
+            "eval_count": n,
+            "eval_duration": t_eval,
+            "load_duration": load_ns,
+            "total_duration": time.perf_counter_ns() - t_start + load_ns,
+        }
+        if p.truncated:
+            self.stats["truncated_tokens"] = p.truncated
+
+    def run(self) -> str:
+        for _ in self:
+            pass
+        return self.text

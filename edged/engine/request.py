@@ -1,0 +1,175 @@
+"""The generation request: one model for the CLI, the Unix socket and MQTT.
+
+Field and option names follow Ollama's API where they overlap, so the same JSON
+works everywhere. Validation names the offending field; nothing here touches the
+model, so transports can reject bad input before it reaches the queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from edged.errors import RequestError
+
+# Ollama's defaults; a model's own generation defaults (from its manifest) and
+# then the request's options are laid over them.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "temperature": 0.8,
+    "top_k": 40,
+    "top_p": 0.9,
+    "min_p": 0.0,
+    "repeat_penalty": 1.1,
+    "repeat_last_n": 64,
+    "seed": None,
+    "num_predict": -1,
+    "num_ctx": None,
+    "stop": [],
+    "truncate": False,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None
+    num_predict: int = -1  # -1: until EOS or the context is full
+    num_ctx: int | None = None  # None: the model's context length
+    stop: tuple[str, ...] = ()
+    truncate: bool = False  # drop the oldest prompt tokens instead of failing
+
+    @classmethod
+    def from_dict(cls, data: dict | None, *, base: "Options | None" = None) -> "Options":
+        base = base or cls()
+        if data is None:
+            return base
+        if not isinstance(data, dict):
+            raise RequestError("'options' must be an object")
+        known = {f.name for f in fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                raise RequestError(f"unknown option {key!r}", field=f"options.{key}")
+            changes[key] = _check_option(key, value)
+        return replace(base, **changes)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["stop"] = list(self.stop)
+        return d
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_option(key: str, value: Any) -> Any:
+    def bad(expect: str) -> RequestError:
+        return RequestError(f"option {key!r} must be {expect}, got {value!r}", field=f"options.{key}")
+
+    if key in ("temperature", "repeat_penalty"):
+        if not _is_number(value) or value < 0:
+            raise bad("a number >= 0")
+        return float(value)
+    if key in ("top_p", "min_p"):
+        if not _is_number(value) or not 0 <= value <= 1:
+            raise bad("a number between 0 and 1")
+        return float(value)
+    if key in ("top_k", "repeat_last_n"):
+        if not _is_int(value) or value < 0:
+            raise bad("an integer >= 0")
+        return value
+    if key == "num_predict":
+        if not _is_int(value) or value < -1 or value == 0:
+            raise bad("a positive integer or -1")
+        return value
+    if key == "num_ctx":
+        if value is not None and (not _is_int(value) or value < 1):
+            raise bad("a positive integer")
+        return value
+    if key == "seed":
+        if value is not None and (not _is_int(value) or value < 0):
+            raise bad("an integer >= 0")
+        return value
+    if key == "stop":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+            raise bad("a list of non-empty strings")
+        if len(value) > 16:
+            raise bad("at most 16 strings")
+        return tuple(value)
+    if key == "truncate":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    raise RequestError(f"unknown option {key!r}")  # pragma: no cover - guarded by caller
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateRequest:
+    """What to generate. Exactly one of `prompt` or `messages`."""
+
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    system: str | None = None
+    raw: bool = False
+    options: dict = field(default_factory=dict)  # validated overrides, applied over model defaults
+
+    @classmethod
+    def from_dict(cls, data: dict, *, max_prompt_chars: int | None = None) -> "GenerateRequest":
+        if not isinstance(data, dict):
+            raise RequestError("request must be a JSON object")
+        prompt, messages = data.get("prompt"), data.get("messages")
+        if prompt is not None and messages is not None:
+            raise RequestError("give either 'prompt' or 'messages', not both")
+        if prompt is None and messages is None:
+            raise RequestError("missing 'prompt' (or 'messages' for chat)", field="prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise RequestError("'prompt' must be a string", field="prompt")
+        msgs = None
+        if messages is not None:
+            if not isinstance(messages, list) or not messages:
+                raise RequestError("'messages' must be a non-empty list", field="messages")
+            checked = []
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict):
+                    raise RequestError(f"messages[{i}] must be an object", field=f"messages[{i}]")
+                role, content = m.get("role"), m.get("content")
+                if role not in ROLES:
+                    raise RequestError(
+                        f"messages[{i}].role must be one of {', '.join(ROLES)}", field=f"messages[{i}].role"
+                    )
+                if not isinstance(content, str):
+                    raise RequestError(f"messages[{i}].content must be a string", field=f"messages[{i}].content")
+                checked.append({"role": role, "content": content})
+            msgs = tuple(checked)
+        system = data.get("system")
+        if system is not None and not isinstance(system, str):
+            raise RequestError("'system' must be a string", field="system")
+        raw = data.get("raw", False)
+        if not isinstance(raw, bool):
+            raise RequestError("'raw' must be true or false", field="raw")
+        if raw and msgs is not None:
+            raise RequestError("'raw' applies to 'prompt' only", field="raw")
+        opts = data.get("options")
+        Options.from_dict(opts)  # validate now, apply over the model's defaults later
+        if max_prompt_chars is not None:
+            size = len(prompt or "") + len(system or "") + sum(len(m["content"]) for m in msgs or ())
+            if size > max_prompt_chars:
+                raise RequestError(
+                    f"prompt too large: {size} characters, limit {max_prompt_chars}", field="prompt"
+                )
+        return cls(prompt=prompt, messages=msgs, system=system, raw=raw, options=dict(opts or {}))

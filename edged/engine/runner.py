@@ -1,0 +1,135 @@
+"""onnxruntime session and per-sequence KV state for edged's decoder graphs.
+
+The graph contract is written down in models/builder.py. Each sequence owns one
+preallocated key and value buffer per layer, sized for this request (prompt +
+tokens to predict, not the whole context). The same buffer is bound as past
+input and present output, so GroupQueryAttention appends in place and a decode
+step allocates nothing but two tiny input arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+_OPT_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def physical_cores() -> int:
+    """Physical cores we may run on (SMT siblings count once)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """onnxruntime settings. Every field is documented in docs/engine.md."""
+
+    threads: int | None = None  # intra-op threads; None = physical cores
+    spinning: bool = False  # busy-wait between ops: faster by a hair, burns a core while idle
+    graph_optimization: str = "all"  # disabled | basic | extended | all
+    memory_arena: bool = True  # onnxruntime's CPU arena: fewer mallocs, more resident memory
+    verify: str = "fast"  # fast (size+mtime cache, then sha256 on change) | full | none
+
+    def __post_init__(self):
+        if self.graph_optimization not in _OPT_LEVELS:
+            raise ValueError(f"graph_optimization must be one of {', '.join(_OPT_LEVELS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if self.verify not in ("fast", "full", "none"):
+            raise ValueError("verify must be fast, full or none")
+
+    @property
+    def effective_threads(self) -> int:
+        return self.threads or physical_cores()
+
+    def session_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.effective_threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = _OPT_LEVELS[self.graph_optimization]
+        so.enable_cpu_mem_arena = self.memory_arena
+        so.log_severity_level = 3
+        spin = "1" if self.spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        return so
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphInfo:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @classmethod
+    def from_manifest(cls, graph: dict) -> "GraphInfo":
+        return cls(
+            num_layers=graph["num_layers"],
+            num_kv_heads=graph["num_kv_heads"],
+            head_dim=graph["head_dim"],
+            vocab_size=graph["vocab_size"],
+        )
+
+    def kv_bytes(self, tokens: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4 * tokens
+
+
+class Runner:
+    """One onnxruntime session; hands out Sequences that share it."""
+
+    def __init__(self, model_path: str, info: GraphInfo, config: EngineConfig):
+        self.info = info
+        self.config = config
+        self.session = ort.InferenceSession(model_path, config.session_options(), providers=["CPUExecutionProvider"])
+
+    def sequence(self, capacity: int) -> "Sequence":
+        return Sequence(self, capacity)
+
+
+class Sequence:
+    """KV cache and bindings for one sequence of up to `capacity` tokens."""
+
+    def __init__(self, runner: Runner, capacity: int):
+        info = runner.info
+        self.runner = runner
+        self.capacity = capacity
+        self.length = 0
+        self.io = runner.session.io_binding()
+        # numpy owns the memory, OrtValues view it: logits are read without a copy.
+        self._kv = [np.zeros((1, info.num_kv_heads, capacity, info.head_dim), np.float32) for _ in range(2 * info.num_layers)]
+        self.logits = np.zeros((1, 1, info.vocab_size), np.float32)
+        for i in range(info.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                buf = ort.OrtValue.ortvalue_from_numpy(self._kv[2 * i + j])
+                self.io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                self.io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+        self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+
+    def forward(self, tokens: list[int]) -> np.ndarray:
+        """Feed tokens (a prompt chunk or one new token); return next-token logits [vocab]."""
+        total = self.length + len(tokens)
+        if total > self.capacity:
+            raise ValueError(f"sequence capacity {self.capacity} exceeded ({total})")
+        self.io.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+        self.io.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        self.runner.session.run_with_iobinding(self.io)
+        self.length = total
+        return self.logits[0, -1]
