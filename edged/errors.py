@@ -48,3 +48,52 @@ class ContextOverflow(RequestError):
 
 class TemplateError(RequestError):
     code = "template_error"
+
+
+# -- serving (edged/serve, edged/transports) ------------------------------------
+
+
+class ConfigError(EdgedError):
+    """A configuration file or environment override is wrong; names the key and the file."""
+
+    code = "config_error"
+
+
+class MalformedRequest(RequestError):
+    """Not valid JSON, not an object, or a frame field of the wrong type."""
+
+    code = "malformed_request"
+
+
+class UnknownOperation(RequestError):
+    code = "unknown_op"
+
+
+class PayloadTooLarge(RequestError):
+    code = "payload_too_large"
+
+
+class Busy(EdgedError):
+    """The queue is full (or the admission hook said no): retry after `retry_after_ms`."""
+
+    code = "busy"
+
+
+class DeadlineExceeded(EdgedError):
+    code = "deadline_exceeded"
+
+
+class Cancelled(EdgedError):
+    code = "cancelled"
+
+
+class ShuttingDown(EdgedError):
+    code = "shutting_down"
+
+
+class PermissionDenied(EdgedError):
+    code = "permission_denied"
+
+
+class DuplicateRequest(RequestError):
+    code = "duplicate_request"

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from edged.errors import ConversionError, MissingExtra, QualityGateFailed
+from edged.errors import ConversionError, EdgedError, MissingExtra, QualityGateFailed
 from edged.models.store import Model, ModelStore, check_name
 
 Progress = Callable[[str], None]
@@ -253,7 +253,13 @@ def convert(
         (staging / "generation.json").write_text(json.dumps(manifest["generation_defaults"], indent=2))
         model = store.install(staging, name, manifest)
         return model
-    except BaseException:
+    except EdgedError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConversionError(f"converting {source} failed: {type(e).__name__}: {e}") from e
+    except BaseException:  # interrupted: leave nothing behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:

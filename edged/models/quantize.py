@@ -35,11 +35,10 @@ def host_target() -> str:
 
 def quantize(fp32_path: str, out_path: str, scheme: str) -> None:
     """Quantize the fp32 graph at fp32_path into out_path (+ external data)."""
-    import onnx
-
     from edged.models.builder import save_model
 
     if scheme == "int8-block32":
+        import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         cfg = SCHEMES[scheme]
@@ -54,6 +53,7 @@ def quantize(fp32_path: str, out_path: str, scheme: str) -> None:
         q.process()
         save_model(q.model.model, out_path)
     elif scheme == "int8-dynamic":
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         # These arguments are what optimum's AutoQuantizationConfig.arm64(is_static=False,
@@ -67,7 +67,8 @@ def quantize(fp32_path: str, out_path: str, scheme: str) -> None:
             reduce_range=False,
             op_types_to_quantize=["MatMul"],
             use_external_data_format=True,
-            extra_options={"MatMulConstBOnly": True},
+            # shape inference cannot see through contrib ops (GroupQueryAttention): say fp32
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     else:
         raise ValueError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)})")

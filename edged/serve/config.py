@@ -1,0 +1,284 @@
+"""The one configuration object of the daemon.
+
+`Config` is built from defaults, then a YAML file, then environment overrides,
+and is checked as a whole: an unknown key or a wrong type stops the start with
+a message naming the key and the file. Every key is documented, with its
+default, in examples/edged.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edged.errors import ConfigError
+
+
+def default_socket_path() -> str:
+    # root gets the system runtime dir; a user the per-user one (writable, tmpfs).
+    if os.geteuid() == 0:
+        return "/run/edged/edged.sock"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.access(xdg, os.W_OK):
+        return str(Path(xdg) / "edged" / "edged.sock")
+    return f"/tmp/edged-{os.geteuid()}/edged.sock"
+
+
+@dataclass(kw_only=True)
+class SocketConfig:
+    enabled: bool = True
+    path: str = field(default_factory=default_socket_path)
+    mode: int = 0o660
+    owner: str | None = None  # user name or uid; None = the daemon's
+    group: str | None = None
+    allow_uids: list[int] | None = None  # None = anyone the file mode lets in
+    allow_gids: list[int] | None = None
+    max_line_bytes: int = 1 << 20
+
+
+@dataclass(kw_only=True)
+class MqttConfig:
+    enabled: bool = True
+    host: str = "localhost"
+    port: int = 1883
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "edged")
+    prefix: str = "edged"
+    client_id: str | None = None  # None = "edged-<node>"; fixed so the session persists
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    session_expiry: int = 3600  # seconds the broker keeps our session (and queued requests)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_insecure: bool = False
+    shared_group: str | None = None  # also take requests from $share/<group>/<prefix>/+/request
+    pool_topic: str | None = None  # or from this topic (subscribed as $share/<shared_group>/... when set)
+    qos: int = 1
+    telemetry_interval: float = 30.0  # seconds; 0 = off
+    max_payload_bytes: int = 256 * 1024
+    dedup_size: int = 1024  # request ids remembered against QoS 1 redelivery
+    reconnect_min_delay: float = 1.0
+    reconnect_max_delay: float = 30.0
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: str = "smollm2-135m"
+    models_dir: str | None = None  # None = $EDGED_HOME/models
+    threads: int | None = None  # None = physical cores
+    keep_alive: float = 300.0  # seconds idle before the model is unloaded; -1 = never, 0 = after each request
+    queue_size: int = 16  # waiting requests (not counting the one running)
+    max_prompt_chars: int = 32_000
+    default_timeout: float | None = None  # seconds; a request's deadline unless it sets its own
+    shutdown_grace: float = 10.0  # seconds in-flight work may finish after SIGTERM
+    retry_after_ms: int = 1000  # hint in busy errors when no better estimate exists
+    log_level: str = "info"
+    socket: SocketConfig = field(default_factory=SocketConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    source: str | None = None  # the file this came from (for SIGHUP reload and messages)
+
+    def __post_init__(self):
+        _check_values(self, self.source or "<defaults>")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, env: dict | None = None) -> "Config":
+        data: dict = {}
+        where = str(path) if path else "<defaults>"
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping")
+        data = _apply_env(data, os.environ if env is None else env)
+        return from_dict(data, where=where)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        if d["mqtt"]["password"]:
+            d["mqtt"]["password"] = "***"
+        return d
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edged-{self.mqtt.node}"
+
+
+# Keys that a running daemon applies on SIGHUP; anything else is logged as needing a restart.
+LIVE_KEYS = {
+    "keep_alive",
+    "queue_size",
+    "max_prompt_chars",
+    "default_timeout",
+    "shutdown_grace",
+    "retry_after_ms",
+    "log_level",
+    "socket.allow_uids",
+    "socket.allow_gids",
+    "socket.max_line_bytes",
+    "mqtt.telemetry_interval",
+    "mqtt.max_payload_bytes",
+}
+
+# Environment overrides for the common keys.
+ENV_KEYS = {
+    "EDGED_MODEL": "model",
+    "EDGED_THREADS": "threads",
+    "EDGED_KEEP_ALIVE": "keep_alive",
+    "EDGED_SOCKET": "socket.path",
+    "EDGED_MQTT": "mqtt.enabled",
+    "EDGED_MQTT_HOST": "mqtt.host",
+    "EDGED_MQTT_PORT": "mqtt.port",
+    "EDGED_MQTT_NODE": "mqtt.node",
+    "EDGED_MQTT_PREFIX": "mqtt.prefix",
+    "EDGED_MQTT_USERNAME": "mqtt.username",
+    "EDGED_MQTT_PASSWORD": "mqtt.password",
+    "EDGED_LOG_LEVEL": "log_level",
+}
+
+
+def _apply_env(data: dict, env) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for var, key in ENV_KEYS.items():
+        if var not in env:
+            continue
+        raw = env[var]
+        # YAML scalars: "8" -> 8, "true" -> True, "null" -> None, anything else a string.
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        if key in ("mqtt.node", "mqtt.host", "socket.path", "model", "mqtt.password", "mqtt.username", "mqtt.prefix"):
+            value = raw
+        section, _, leaf = key.rpartition(".")
+        target = data
+        if section:
+            sub = target.get(section)
+            if not isinstance(sub, dict):
+                sub = {}
+                target[section] = sub
+            target = sub
+        target[leaf] = value
+    return data
+
+
+def from_dict(data: dict, *, where: str = "<dict>") -> Config:
+    kwargs = _build(Config, data, where, prefix="")
+    return Config(**kwargs, source=None if where.startswith("<") else where)
+
+
+def _build(cls, data: dict, where: str, prefix: str) -> dict:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {name!r}", key=name, file=where)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {name!r} must be a mapping", key=name, file=where)
+            out[key] = hint(**_build(hint, value, where, prefix=f"{name}."))
+        else:
+            out[key] = _coerce(value, hint, name, where)
+    return out
+
+
+def _coerce(value, hint, name: str, where: str):
+    def bad():
+        return ConfigError(f"{where}: {name!r} must be {_describe(hint)}, got {value!r}", key=name, file=where)
+
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, name, where)
+            except ConfigError:
+                pass
+        raise bad()
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        return [_coerce(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise bad()
+        return str(value)  # a numeric node name or owner uid is fine as text
+    raise bad()  # pragma: no cover
+
+
+def _describe(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(args[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
+        hint, str(hint)
+    )
+
+
+def _check_values(cfg: Config, where: str) -> None:
+    def bad(key, msg):
+        raise ConfigError(f"{where}: {key!r} {msg}", key=key, file=where)
+
+    if cfg.threads is not None and cfg.threads < 1:
+        bad("threads", "must be >= 1")
+    if cfg.queue_size < 0:
+        bad("queue_size", "must be >= 0")
+    if cfg.keep_alive < 0 and cfg.keep_alive != -1:
+        bad("keep_alive", "must be >= 0 or -1 (never unload)")
+    if cfg.shutdown_grace < 0:
+        bad("shutdown_grace", "must be >= 0")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        bad("log_level", "must be debug, info, warning or error")
+    if not 0 <= cfg.socket.mode <= 0o777:
+        bad("socket.mode", "must be a file mode such as 0660")
+    if cfg.socket.max_line_bytes < 1024:
+        bad("socket.max_line_bytes", "must be >= 1024")
+    m = cfg.mqtt
+    if not 0 < m.port < 65536:
+        bad("mqtt.port", "must be between 1 and 65535")
+    if m.qos not in (0, 1, 2):
+        bad("mqtt.qos", "must be 0, 1 or 2")
+    for key in ("node", "prefix"):
+        v = getattr(m, key)
+        if not v or any(c in v for c in "+#/"):
+            bad(f"mqtt.{key}", "must be a non-empty topic level without '/', '+' or '#'")
+    if (m.tls_cert is None) != (m.tls_key is None):
+        bad("mqtt.tls_cert", "and mqtt.tls_key must be given together")
