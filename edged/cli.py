@@ -248,6 +248,99 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_serve(args) -> int:
+    import logging
+    import os
+
+    from edged.serve.config import Config
+    from edged.serve.server import run
+
+    path = args.config or os.environ.get("EDGED_CONFIG")
+    cfg = Config.load(path)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return run(cfg)
+
+
+def _socket_path(args) -> str:
+    import os
+
+    from edged.serve.config import default_socket_path
+
+    return args.socket or os.environ.get("EDGED_SOCKET") or default_socket_path()
+
+
+def cmd_ask(args) -> int:
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    req: dict = {"prompt": prompt, "stream": not args.no_stream}
+    if args.system:
+        req["system"] = args.system
+    opts = {}
+    if args.temperature is not None:
+        opts["temperature"] = args.temperature
+    if args.num_predict is not None:
+        opts["num_predict"] = args.num_predict
+    if args.seed is not None:
+        opts["seed"] = args.seed
+    if opts:
+        req["options"] = opts
+    def show(frame: dict) -> None:
+        if args.json:
+            print(json.dumps(frame), flush=True)
+        elif "delta" in frame:
+            sys.stdout.write(frame["delta"])
+            sys.stdout.flush()
+
+    if args.mqtt:
+        from edged.serve.client import mqtt_request
+
+        host, _, port = args.mqtt.partition(":")
+        if not args.node:
+            raise EdgedError("--mqtt needs --node NODE (the daemon's mqtt.node)")
+        topic = f"{args.prefix}/{args.node}/request"
+        final = mqtt_request(host, int(port or 1883), topic, req, timeout=args.timeout, on_frame=show)
+    else:
+        from edged.serve.client import SocketClient
+
+        with SocketClient(_socket_path(args), timeout=args.timeout) as c:
+            final = None
+            for frame in c.request(req):
+                if frame.get("done"):
+                    final = frame
+                else:
+                    show(frame)
+    if args.json:
+        print(json.dumps(final), flush=True)
+    if "error" in final:
+        if not args.json:
+            print(f"edged: error: {final['error'].get('code')}: {final['error'].get('message')}", file=sys.stderr)
+        return 1
+    if not args.json:
+        if not req["stream"]:
+            sys.stdout.write(final.get("response", ""))
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from edged.serve.client import SocketClient
+
+    with SocketClient(_socket_path(args), timeout=30) as c:
+        final = c.call({"op": "status"})
+    if "error" in final:
+        raise EdgedError(final["error"].get("message", "status failed"))
+    st = final["status"]
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    for key, value in st.items():
+        if key == "rss_bytes" and value:
+            value = _human(value)
+        elif isinstance(value, dict):
+            value = json.dumps(value)
+        print(f"  {key:<20}{value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edged.models.quantize import TARGETS
 
@@ -308,6 +401,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-anchors", action="store_true", help="measure edged only")
     b.add_argument("--out", default="bench/results.json")
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="run the daemon (Unix socket + MQTT)")
+    sv.add_argument("--config", help="YAML config file (default: $EDGED_CONFIG, else built-in defaults)")
+    sv.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("ask", help="send one prompt to a running daemon")
+    a.add_argument("prompt", help="prompt text ('-' reads stdin)")
+    a.add_argument("--socket", help="daemon socket (default: $EDGED_SOCKET or the default path)")
+    a.add_argument("--mqtt", metavar="HOST[:PORT]", help="ask over MQTT 5 instead of the socket")
+    a.add_argument("--node", help="the daemon's MQTT node name (with --mqtt)")
+    a.add_argument("--prefix", default="edged", help="MQTT topic prefix (default: edged)")
+    a.add_argument("--system", help="system message")
+    a.add_argument("--temperature", type=float)
+    a.add_argument("--num-predict", dest="num_predict", type=int)
+    a.add_argument("--seed", type=int)
+    a.add_argument("--no-stream", action="store_true", help="one final frame instead of deltas")
+    a.add_argument("--json", action="store_true", help="print the protocol frames")
+    a.add_argument("--timeout", type=float, default=600, help="seconds to wait for the answer")
+    a.set_defaults(func=cmd_ask)
+
+    st = sub.add_parser("status", help="status of a running daemon")
+    st.add_argument("--socket", help="daemon socket (default: $EDGED_SOCKET or the default path)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
     return p
 
 

@@ -1,0 +1,292 @@
+"""MQTT 5 request/response (paho-mqtt 2.x), with an MQTT 3.1.1 fallback.
+
+Topics (prefix `edged`, node = hostname by default):
+    <prefix>/<node>/request    requests in (QoS 1)
+    <prefix>/<node>/cancel     {"id": "..."} cancels a queued or running request
+    <prefix>/<node>/status     retained "online"; "offline" is the last will
+    <prefix>/<node>/info       retained birth payload (model, quantization, ...)
+    <prefix>/<node>/telemetry  periodic queue depth, tokens/s, memory, governor
+    <prefix>/<node>/error      errors for requests that gave no reply address
+
+Replies go to the request's Response Topic with its Correlation Data echoed
+(MQTT 5), or to `reply_to` from the JSON payload (3.1.1). One final message by
+default; with "stream": true, delta messages first. Frames are the socket's
+(edged/serve/protocol.py).
+
+Delivery: fixed client id, clean_start false and a session expiry, so the
+broker queues requests while we restart. Messages are acknowledged by hand
+once they are queued or answered: a request that arrives while we stop is left
+unacknowledged, and the broker hands it to the next run. Recent request ids are
+remembered so a QoS 1 redelivery re-sends the stored final frame (or is ignored
+while the first copy still runs) instead of running the prompt twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edged import __version__
+from edged.errors import EdgedError, PayloadTooLarge, RequestError
+from edged.serve import protocol
+
+log = logging.getLogger("edged.mqtt")
+
+_RUNNING = object()  # dedup marker: the first copy of this request is still in the queue or running
+
+
+class MqttTransport:
+    name = "mqtt"
+
+    def __init__(self, server):
+        self.server = server
+        cfg = server.config.mqtt
+        self.base = f"{cfg.prefix}/{cfg.node}"
+        self.request_topic = f"{self.base}/request"
+        self.cancel_topic = f"{self.base}/cancel"
+        self.status_topic = f"{self.base}/status"
+        self.info_topic = f"{self.base}/info"
+        self.telemetry_topic = f"{self.base}/telemetry"
+        self.error_topic = f"{self.base}/error"
+        self.connected = threading.Event()
+        self.accepting = True
+        self.connects = 0
+        self._recent: collections.OrderedDict = collections.OrderedDict()
+        self._recent_lock = threading.Lock()
+        self._telemetry: asyncio.Task | None = None
+        self.client = self._make_client()
+
+    @property
+    def cfg(self):
+        return self.server.config.mqtt
+
+    def subscriptions(self) -> list[str]:
+        cfg = self.cfg
+        if cfg.shared_group and not cfg.pool_topic:
+            # Every board in the group shares <prefix>/+/request (see docs/protocol.md).
+            return [f"$share/{cfg.shared_group}/{cfg.prefix}/+/request"]
+        subs = [self.request_topic]
+        if cfg.pool_topic:
+            subs.append(f"$share/{cfg.shared_group or 'edged'}/{cfg.pool_topic}")
+        return subs
+
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.cfg
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.server.config.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        c.will_set(self.status_topic, "offline", qos=1, retain=True)
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls_ca or cfg.tls_cert:
+            c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            if cfg.tls_insecure:
+                c.tls_insecure_set(True)
+        c.reconnect_delay_set(min_delay=max(1, int(cfg.reconnect_min_delay)), max_delay=max(1, int(cfg.reconnect_max_delay)))
+        c.max_queued_messages_set(0)  # replies made while the broker is away wait here, then go out
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        return c
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.cfg
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = cfg.session_expiry
+        # connect_async: a broker that is down at start is retried with backoff by the loop thread.
+        self.client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=False, properties=props)
+        self.client.loop_start()
+        log.info("MQTT: connecting to %s:%d as %s", cfg.host, cfg.port, self.server.config.client_id)
+        self._telemetry = asyncio.ensure_future(self._telemetry_loop())
+
+    async def stop_accepting(self) -> None:
+        # Stay subscribed (the persistent session keeps queueing for the next run);
+        # new arrivals are left unacknowledged so the broker redelivers them.
+        self.accepting = False
+
+    async def close(self) -> None:
+        if self._telemetry:
+            self._telemetry.cancel()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._close_blocking)
+
+    def _close_blocking(self) -> None:
+        if self.connected.is_set():
+            info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=3)
+            except (RuntimeError, ValueError):
+                pass
+            self._flush(3)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _flush(self, timeout: float) -> None:
+        # Let queued replies reach the broker before we disconnect.
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.connected.is_set():
+            with self.client._out_message_mutex:
+                if not self.client._out_messages:
+                    return
+            time.sleep(0.01)
+
+    def describe(self) -> dict:
+        return {"broker": f"{self.cfg.host}:{self.cfg.port}", "connected": self.connected.is_set(), "node": self.cfg.node}
+
+    def reconfigure(self) -> None:
+        pass  # live keys (telemetry_interval, max_payload_bytes) are read on use
+
+    # -- paho callbacks (paho's network thread) ----------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.warning("MQTT: broker refused the connection: %s", reason_code)
+            return
+        self.connects += 1
+        self.connected.set()
+        log.info("MQTT: connected (session present: %s)", flags.session_present)
+        qos = self.cfg.qos
+        client.subscribe([(t, qos) for t in self.subscriptions()] + [(self.cancel_topic, qos)])
+        client.publish(self.status_topic, "online", qos=1, retain=True)
+        client.publish(self.info_topic, json.dumps(self.birth()), qos=1, retain=True)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if self.connected.is_set() and self.accepting:
+            log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason_code)
+        self.connected.clear()
+
+    def birth(self) -> dict:
+        info = self.server.model_info
+        return {
+            "node": self.cfg.node,
+            "model": info.get("name"),
+            "quantization": info.get("quantization"),
+            "context_length": info.get("context_length"),
+            "threads": info.get("threads"),
+            "version": __version__,
+            "request_topic": self.request_topic,
+        }
+
+    def _on_message(self, client, userdata, msg):
+        if not self.accepting:
+            return  # not acknowledged: the broker redelivers it to our next run
+        try:
+            if msg.topic == self.cancel_topic:
+                self._cancel(msg.payload)
+            else:
+                self._request(msg)
+        except Exception:
+            log.exception("MQTT: failed to handle a message on %s", msg.topic)
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
+
+    def _cancel(self, payload: bytes) -> None:
+        try:
+            obj = json.loads(payload)
+            rid = obj.get("id", obj.get("target")) if isinstance(obj, dict) else obj
+        except ValueError:
+            rid = payload.decode(errors="replace").strip()
+        if rid is not None and self.server.scheduler:
+            ok = self.server.scheduler.cancel("mqtt", rid)
+            log.info("MQTT: cancel %r: %s", rid, "done" if ok else "not found")
+
+    def _request(self, msg) -> None:
+        props = msg.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        corr = getattr(props, "CorrelationData", None) if props else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        reply = Reply(self, response_topic, corr)
+        obj = None
+        try:
+            limit = self.cfg.max_payload_bytes
+            if len(msg.payload) > limit:
+                raise PayloadTooLarge(f"payload is {len(msg.payload)} bytes, limit {limit}")
+            obj = protocol.decode(msg.payload)
+            if reply.topic is None and isinstance(obj.get("reply_to"), str):
+                reply.topic = obj["reply_to"]
+            frame = protocol.parse(obj, default_stream=False, max_prompt_chars=self.server.config.max_prompt_chars)
+        except EdgedError as e:
+            reply.send(protocol.error_frame(protocol.peek_id(obj) or reply.corr_id, e), True)
+            return
+        if frame.reply_to and reply.topic is None:
+            reply.topic = frame.reply_to
+        if reply.topic is None:
+            reply.send(protocol.error_frame(frame.id, RequestError(
+                "no reply address: set the MQTT 5 Response Topic or 'reply_to' in the payload", field="reply_to")), True)  # fmt: skip
+            return
+        if frame.id is None and reply.corr_id is not None:
+            frame.id = reply.corr_id  # so it can be cancelled and deduplicated
+        key = None if frame.id is None else (reply.topic, frame.key)
+        if key is not None and frame.op in protocol.GEN_OPS:
+            with self._recent_lock:
+                seen = self._recent.get(key)
+                if seen is None:
+                    self._recent[key] = _RUNNING
+                    while len(self._recent) > self.cfg.dedup_size:
+                        self._recent.popitem(last=False)
+            if seen is _RUNNING:
+                log.info("MQTT: duplicate of running request %r ignored", frame.id)
+                return
+            if seen is not None:
+                log.info("MQTT: duplicate of finished request %r: re-sending its result", frame.id)
+                reply.send(seen, True)
+                return
+            reply.key = key
+        deadline = time.monotonic() + expiry if expiry else None
+        self.server.handle(frame, reply.send, scope="mqtt", deadline=deadline)
+
+    def remember(self, key, final: dict) -> None:
+        with self._recent_lock:
+            if key not in self._recent:
+                return
+            if final.get("error", {}).get("code") in ("busy", "shutting_down"):
+                del self._recent[key]  # not run: a retry with the same id must run
+            else:
+                self._recent[key] = final
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            interval = self.cfg.telemetry_interval
+            await asyncio.sleep(interval if interval > 0 else 5)
+            if interval <= 0 or not self.connected.is_set():
+                continue
+            st = self.server.status()
+            body = {k: st[k] for k in ("queue_depth", "in_flight", "tokens_per_second", "rss_bytes", "uptime_s", "loaded", "governor")}
+            body["time"] = time.time()
+            self.client.publish(self.telemetry_topic, json.dumps(body), qos=0)
+
+
+class Reply:
+    """Where one request's frames go: topic + correlation data."""
+
+    def __init__(self, t: MqttTransport, topic: str | None, corr: bytes | None):
+        self.t = t
+        self.topic = topic
+        self.corr = corr
+        self.key = None
+        try:
+            self.corr_id = corr.decode() if corr else None
+        except UnicodeDecodeError:
+            self.corr_id = corr.hex()
+
+    def send(self, frame: dict, final: bool) -> None:
+        if final and self.key is not None:
+            self.t.remember(self.key, frame)
+        topic = self.topic or self.t.error_topic
+        props = Properties(PacketTypes.PUBLISH)
+        if self.corr is not None:
+            props.CorrelationData = self.corr
+        props.ContentType = "application/json"
+        self.t.client.publish(topic, protocol.encode(frame)[:-1], qos=self.t.cfg.qos, properties=props)
