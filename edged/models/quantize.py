@@ -51,6 +51,7 @@ def quantize(fp32_path: str, out_path: str, scheme: str) -> None:
             accuracy_level=cfg["accuracy_level"],
         )
         q.process()
+        share_tied_embedding(q.model.model, cfg["block_size"])
         save_model(q.model.model, out_path)
     elif scheme == "int8-dynamic":
         import onnx
@@ -72,3 +73,46 @@ def quantize(fp32_path: str, out_path: str, scheme: str) -> None:
         )
     else:
         raise ValueError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)})")
+
+
+def share_tied_embedding(model, block_size: int) -> bool:
+    """Let the token embedding read the LM head's int8 weights.
+
+    With tied embeddings the quantized LM head [vocab, blocks, block] holds one
+    row per token, which is exactly what GatherBlockQuantized needs: the fp32
+    embedding table (113 MB for SmolLM2, a third of the model) is dropped and
+    the embedding costs only a 3-D copy of the scales.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    props = {p.key: p.value for p in model.metadata_props}
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    if props.get("edged.tied_embeddings") != "1" or "lm_head.weight_T_Q8" not in inits:
+        return False
+    idx, gather = next((i, n) for i, n in enumerate(g.node) if n.op_type == "Gather" and n.input[0] == "model.embed_tokens.weight")
+    data = inits["lm_head.weight_T_Q8"]
+    vocab, blocks = data.dims[0], data.dims[1]
+    scales = numpy_helper.to_array(inits["lm_head.weight_T_scales"]).reshape(vocab, blocks, 1)
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scales), "embed.scales"))
+    g.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "embed.shape"))
+    g.initializer.remove(inits["model.embed_tokens.weight"])
+    new = [
+        helper.make_node(
+            "GatherBlockQuantized",
+            ["lm_head.weight_T_Q8", gather.input[1], "embed.scales"],
+            ["embed.blocks"],
+            name="embed/GatherBlockQuantized",
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=block_size,
+            bits=8,
+        ),
+        helper.make_node("Reshape", ["embed.blocks", "embed.shape"], [gather.output[0]], name="embed/Reshape"),
+    ]
+    g.node.remove(gather)
+    for j, n in enumerate(new):
+        g.node.insert(idx + j, n)
+    return True
