@@ -141,6 +141,64 @@ def _defaults_without_none() -> dict:
     return {k: v for k, v in DEFAULT_OPTIONS.items() if v is not None}
 
 
+class Decoder:
+    """Per-request decoding state: sampling, EOS, stop strings, detokenization,
+    limits and cancellation. Shared by Generation (one request) and
+    batch.BatchDecoder (several requests advancing together)."""
+
+    def __init__(self, engine: "Engine", prepared: Prepared, cancel: threading.Event | None):
+        self.eos = engine.eos_ids
+        self.p = prepared
+        self.cancel = cancel or threading.Event()
+        self.sampler = Sampler(prepared.options)
+        self.detok = IncrementalDecoder(engine.tokenizer)
+        self.stops = StopMatcher(prepared.options.stop)
+        self.history = list(prepared.tokens)
+        self.tokens: list[int] = []
+        self.n = 0
+        self.reason: str | None = None
+        self._stop_string = False
+
+    def advance(self, logits) -> tuple[str, int | None]:
+        """Consume next-token logits: return (text to emit, token to feed next or None when done)."""
+        if self.cancel.is_set():
+            return self._finish("cancel"), None
+        tok = self.sampler(logits, self.history)
+        self.n += 1
+        if tok in self.eos:
+            return self._finish("stop"), None
+        self.history.append(tok)
+        self.tokens.append(tok)
+        out, hit = self.stops.feed(self.detok.push(tok))
+        if hit:
+            self._stop_string = True
+            return out + self._finish("stop"), None
+        if self.n >= self.p.max_new:
+            return out + self._finish("length"), None
+        return out, tok
+
+    def _finish(self, reason: str) -> str:
+        self.reason = reason
+        if self._stop_string:
+            return ""  # held-back text belonged to the stop string
+        tail, _ = self.stops.feed(self.detok.flush())
+        return tail + self.stops.flush()
+
+    def stats(self, *, prompt_ns: int, eval_ns: int, load_ns: int, total_ns: int) -> dict:
+        s = {
+            "done_reason": self.reason,
+            "prompt_eval_count": len(self.p.tokens),
+            "prompt_eval_duration": prompt_ns,
+            "eval_count": self.n,
+            "eval_duration": eval_ns,
+            "load_duration": load_ns,
+            "total_duration": total_ns,
+        }
+        if self.p.truncated:
+            s["truncated_tokens"] = self.p.truncated
+        return s
+
+
 class Generation:
     """Iterate for text deltas; afterwards `stats`, `text` and `done_reason` are set."""
 
@@ -158,57 +216,25 @@ class Generation:
         t_start = time.perf_counter_ns()
         with eng.lock:
             load_ns, eng._unreported_load = eng._unreported_load, 0
-            sampler = Sampler(p.options)
-            detok = IncrementalDecoder(eng.tokenizer)
-            stops = StopMatcher(p.options.stop)
+            dec = Decoder(eng, p, self.cancel)
+            self.tokens = dec.tokens
             seq = eng.runner.sequence(p.capacity)
-            history = list(p.tokens)
             t0 = time.perf_counter_ns()
             logits = seq.forward(p.tokens)
-            t_prompt = time.perf_counter_ns() - t0
             t1 = time.perf_counter_ns()
-            reason = "length"
-            stop_string = False
-            n = 0
-            while n < p.max_new:
-                if self.cancel.is_set():
-                    reason = "cancel"
+            while True:
+                delta, tok = dec.advance(logits)
+                if delta:
+                    self.text += delta
+                    yield delta
+                if tok is None:
                     break
-                tok = sampler(logits, history)
-                n += 1
-                if tok in eng.eos_ids:
-                    reason = "stop"
-                    break
-                history.append(tok)
-                self.tokens.append(tok)
-                out, hit = stops.feed(detok.push(tok))
-                if out:
-                    self.text += out
-                    yield out
-                if hit:
-                    reason, stop_string = "stop", True
-                    break
-                if n < p.max_new:
-                    logits = seq.forward([tok])
-            if not stop_string:
-                tail, _ = stops.feed(detok.flush())
-                tail += stops.flush()
-                if tail:
-                    self.text += tail
-                    yield tail
-            t_eval = time.perf_counter_ns() - t1
-        self.done_reason = reason
-        self.stats = {
-            "done_reason": reason,
-            "prompt_eval_count": len(p.tokens),
-            "prompt_eval_duration": t_prompt,
-            "eval_count": n,
-            "eval_duration": t_eval,
-            "load_duration": load_ns,
-            "total_duration": time.perf_counter_ns() - t_start + load_ns,
-        }
-        if p.truncated:
-            self.stats["truncated_tokens"] = p.truncated
+                logits = seq.forward([tok])
+            t2 = time.perf_counter_ns()
+        self.done_reason = dec.reason
+        self.stats = dec.stats(
+            prompt_ns=t1 - t0, eval_ns=t2 - t1, load_ns=load_ns, total_ns=time.perf_counter_ns() - t_start + load_ns
+        )
 
     def run(self) -> str:
         for _ in self:
