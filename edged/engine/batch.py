@@ -1,0 +1,147 @@
+"""Continuous batching: several requests decode together, one token per step.
+
+Decoding one token is memory-bound: every step streams all weights through the
+CPU. Stepping B sequences in one run reads the weights once for all of them, so
+aggregate tokens/s grows with B while each stream slows only a little.
+
+Layout: one key and one value buffer per layer of shape [slots, kv_heads,
+capacity, head_dim]; slot b owns row b. A new request is prefilled alone on row
+views of the buffers (a row of a C-ordered array is contiguous, so onnxruntime
+writes into it in place), then joins the shared decode step. The decode step
+runs every slot: rows are right-padded through attention_mask, whose per-row sum
+gives GroupQueryAttention each row's own length. A free slot is fed a dummy token
+at position 0 of its own row, which the next prefill overwrites.
+
+Buffers come from np.zeros (calloc): positions never written are never resident,
+so a large capacity costs address space, not memory.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from edged.engine.engine import Decoder, Engine, Prepared
+from edged.errors import ContextOverflow
+
+
+@dataclass
+class Slot:
+    decoder: Decoder
+    on_delta: Callable[[str], None]
+    on_done: Callable[[dict], None]
+    length: int = 0  # tokens in this row's cache
+    next_token: int = 0
+    t_start: int = 0
+    t_prompt: int = 0
+    t_eval_start: int = 0
+    load_ns: int = 0
+    text: list[str] = field(default_factory=list)
+
+
+class BatchDecoder:
+    def __init__(self, engine: Engine, *, slots: int = 4, capacity: int | None = None):
+        self.engine = engine
+        self.slots = slots
+        self.capacity = capacity or engine.context_length
+        info = engine.info
+        sess = engine.runner.session
+        shape = (slots, info.num_kv_heads, self.capacity, info.head_dim)
+        self._kv = [np.zeros(shape, np.float32) for _ in range(2 * info.num_layers)]
+        self._logits = np.zeros((slots, 1, info.vocab_size), np.float32)
+        self._row_logits = [np.zeros((1, 1, info.vocab_size), np.float32) for _ in range(slots)]
+        self._io = sess.io_binding()
+        self._row_io = [sess.io_binding() for _ in range(slots)]
+        for i in range(info.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                buf = self._kv[2 * i + j]
+                whole = ort.OrtValue.ortvalue_from_numpy(buf)
+                self._io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", whole)
+                self._io.bind_ortvalue_output(f"present.{i}.{kind}", whole)
+                for b in range(slots):
+                    row = ort.OrtValue.ortvalue_from_numpy(buf[b : b + 1])
+                    self._row_io[b].bind_ortvalue_input(f"past_key_values.{i}.{kind}", row)
+                    self._row_io[b].bind_ortvalue_output(f"present.{i}.{kind}", row)
+        self._io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        for b in range(slots):
+            self._row_io[b].bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._row_logits[b]))
+        self.active: dict[int, Slot] = {}
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.active)
+
+    def add(
+        self,
+        prepared: Prepared,
+        *,
+        cancel: threading.Event | None = None,
+        on_delta: Callable[[str], None],
+        on_done: Callable[[dict], None],
+    ) -> int:
+        """Prefill a request into a free slot (runs the prompt now)."""
+        if prepared.capacity > self.capacity:
+            raise ContextOverflow(
+                f"request needs {prepared.capacity} tokens of context; batched slots hold {self.capacity}"
+            )
+        b = next(i for i in range(self.slots) if i not in self.active)
+        eng = self.engine
+        t0 = time.perf_counter_ns()
+        with eng.lock:
+            load_ns, eng._unreported_load = eng._unreported_load, 0
+            io = self._row_io[b]
+            n = len(prepared.tokens)
+            io.bind_cpu_input("input_ids", np.asarray([prepared.tokens], dtype=np.int64))
+            io.bind_cpu_input("attention_mask", np.ones((1, n), dtype=np.int64))
+            eng.runner.session.run_with_iobinding(io)
+        t1 = time.perf_counter_ns()
+        slot = Slot(Decoder(eng, prepared, cancel), on_delta, on_done, length=n, t_start=t0, t_prompt=t1 - t0, t_eval_start=t1, load_ns=load_ns)
+        self.active[b] = slot
+        self._consume(b, slot, self._row_logits[b][0, -1])
+        return b
+
+    def _consume(self, b: int, slot: Slot, logits: np.ndarray) -> None:
+        delta, tok = slot.decoder.advance(logits)
+        if delta:
+            slot.text.append(delta)
+            slot.on_delta(delta)
+        if tok is None:
+            del self.active[b]
+            now = time.perf_counter_ns()
+            slot.on_done(
+                slot.decoder.stats(
+                    prompt_ns=slot.t_prompt,
+                    eval_ns=now - slot.t_eval_start,
+                    load_ns=slot.load_ns,
+                    total_ns=now - slot.t_start + slot.load_ns,
+                )
+            )
+        else:
+            slot.next_token = tok
+
+    def step(self) -> int:
+        """Advance every active request by one token; return how many were active."""
+        if not self.active:
+            return 0
+        eng = self.engine
+        total = max(s.length for s in self.active.values()) + 1
+        ids = np.zeros((self.slots, 1), dtype=np.int64)
+        mask = np.zeros((self.slots, total), dtype=np.int64)
+        mask[:, 0] = 1  # free rows: a dummy token at position 0 of their own row
+        for b, s in self.active.items():
+            ids[b, 0] = s.next_token
+            mask[b, : s.length + 1] = 1
+        with eng.lock:
+            self._io.bind_cpu_input("input_ids", ids)
+            self._io.bind_cpu_input("attention_mask", mask)
+            eng.runner.session.run_with_iobinding(self._io)
+        n = len(self.active)
+        for b, s in list(self.active.items()):
+            s.length += 1
+            self._consume(b, s, self._logits[b, -1])
+        return n

@@ -1,0 +1,50 @@
+"""Continuous batching gives each request exactly what it would get alone."""
+
+import threading
+
+from edged.engine.batch import BatchDecoder
+from edged.engine.request import GenerateRequest
+
+PROMPTS = ["Paris is", "The quick brown", "Grüße aus", "A Raspberry Pi runs Linux; it reads sensors", "MQTT"]
+
+
+def alone(engine, prompt, n):
+    g = engine.generate(GenerateRequest.from_dict({"prompt": prompt, "options": {"temperature": 0, "num_predict": n}}))
+    g.run()
+    return g.text, g.stats
+
+
+def test_batched_greedy_matches_single_stream_with_joins_and_leaves(tiny_engine):
+    lengths = [12, 5, 20, 9, 15]
+    expected = [alone(tiny_engine, p, n) for p, n in zip(PROMPTS, lengths)]
+    batch = BatchDecoder(tiny_engine, slots=3, capacity=128)
+    results: dict[int, dict] = {}
+    texts = {i: [] for i in range(len(PROMPTS))}
+    pending = list(range(len(PROMPTS)))
+    steps = 0
+    while pending or batch.active:
+        while pending and batch.free:
+            i = pending.pop(0)
+            prep = tiny_engine.prepare(GenerateRequest.from_dict({"prompt": PROMPTS[i], "options": {"temperature": 0, "num_predict": lengths[i]}}))
+            batch.add(prep, on_delta=texts[i].append, on_done=lambda st, i=i: results.__setitem__(i, st))
+        steps += batch.step()
+    for i, (text, stats) in enumerate(expected):
+        assert "".join(texts[i]) == text, PROMPTS[i]
+        assert results[i]["eval_count"] == stats["eval_count"]
+        assert results[i]["done_reason"] == stats["done_reason"]
+    assert steps > max(lengths)  # several sequences really shared steps
+
+
+def test_cancel_one_slot_leaves_the_others(tiny_engine):
+    batch = BatchDecoder(tiny_engine, slots=2, capacity=128)
+    cancel = threading.Event()
+    done = {}
+    for i, c in ((0, cancel), (1, None)):
+        prep = tiny_engine.prepare(GenerateRequest.from_dict({"prompt": PROMPTS[i], "options": {"temperature": 0, "num_predict": 30}}))
+        batch.add(prep, cancel=c, on_delta=lambda d: None, on_done=lambda st, i=i: done.__setitem__(i, st))
+    batch.step()
+    cancel.set()
+    while batch.active:
+        batch.step()
+    assert done[0]["done_reason"] == "cancel" and done[0]["eval_count"] < 30
+    assert done[1]["eval_count"] == alone(tiny_engine, PROMPTS[1], 30)[1]["eval_count"]
