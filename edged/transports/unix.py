@@ -284,6 +284,7 @@ class Connection:
                 self.server.scheduler.cancel_scope(self.scope)
 
     def close(self) -> None:
+        log.debug("connection %d closing with %d pending", self.n, self.pending)
         if self.pending and self.server.scheduler:
             self.server.scheduler.cancel_scope(self.scope)
         self.closed = True
