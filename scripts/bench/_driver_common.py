@@ -1,0 +1,91 @@
+"""Shared by the driver scripts (each runs in its own interpreter / venv).
+
+Protocol: the driver gets a JSON spec as argv[1] (a file path), prints one JSON line
+{"event": "ready"} on stdout as soon as the model is loaded (the parent times process
+start -> that line as cold start), then one line {"event": "result", ...}.
+
+spec: {"model": path, "threads": 2, "n_gen": 128, "prompts": [{"name", "ids", "text"}],
+       "concurrency": [1, 4], "conc_n_gen": 64, "warmup": true}
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import threading
+import time
+
+
+def load_spec() -> dict:
+    with open(sys.argv[1]) as f:
+        return json.load(f)
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def rss_now_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def measure_stream(start_fn, n_prompt: int) -> dict:
+    """start_fn() returns an iterator that yields once per generated token.
+    TTFT = call -> first token; decode tok/s over the tokens after the first."""
+    t0 = time.perf_counter()
+    times = []
+    for _ in start_fn():
+        times.append(time.perf_counter())
+    n = len(times)
+    ttft = times[0] - t0 if n else float("nan")
+    dec = (n - 1) / (times[-1] - times[0]) if n > 1 and times[-1] > times[0] else float("nan")
+    return {
+        "prompt_tokens": n_prompt,
+        "gen_tokens": n,
+        "ttft_s": ttft,
+        "prefill_tps": n_prompt / ttft if n else float("nan"),
+        "decode_tps": dec,
+        "total_s": (times[-1] - t0) if n else float("nan"),
+    }
+
+
+def concurrency(run_one, clients: int, lock: threading.Lock | None = None) -> dict:
+    """`clients` threads each run one generation (run_one() -> tokens generated);
+    aggregate tokens/s = all tokens / wall time. `lock` serialises engines whose
+    API is not thread-safe (recorded as mode)."""
+    counts = [0] * clients
+    errors: list[str] = []
+
+    def worker(i):
+        try:
+            if lock is None:
+                counts[i] = run_one()
+            else:
+                with lock:
+                    counts[i] = run_one()
+        except Exception as e:  # pragma: no cover - reported, not raised
+            errors.append(repr(e))
+
+    ths = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    wall = time.perf_counter() - t0
+    out = {"clients": clients, "tokens": sum(counts), "wall_s": wall,
+           "aggregate_tps": sum(counts) / wall if wall > 0 else float("nan"),
+           "mode": "serialised" if lock is not None else "concurrent"}
+    if errors:
+        out["errors"] = errors[:3]
+    return out

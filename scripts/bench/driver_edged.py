@@ -1,0 +1,78 @@
+"""edged driver: loads the model through the public Engine API and measures it.
+Runs in the main venv: python scripts/bench/driver_edged.py SPEC.json"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _driver_common import concurrency, emit, load_spec, measure_stream, peak_rss_bytes, rss_now_bytes  # noqa: E402
+
+spec = load_spec()
+
+from edged.engine.engine import Engine  # noqa: E402
+from edged.engine.request import GenerateRequest  # noqa: E402
+from edged.engine.runner import EngineConfig  # noqa: E402
+from edged.models.store import ModelStore  # noqa: E402
+
+store = ModelStore(spec["store"]) if spec.get("store") else ModelStore()
+engine = Engine.load(spec["model"], config=EngineConfig(threads=spec["threads"]), store=store)
+emit({"event": "ready"})
+rss_loaded = rss_now_bytes()
+
+
+def request(text: str, n: int) -> GenerateRequest:
+    # raw: the prompt's tokens are exactly the ids the anchors get; greedy, no penalties
+    return GenerateRequest.from_dict(
+        {"prompt": text, "raw": True,
+         "options": {"temperature": 0, "num_predict": n, "repeat_penalty": 1.0, "top_k": 1}},
+        max_prompt_chars=None)
+
+
+def stream(text: str, n: int, info: dict):
+    def start():
+        gen = engine.generate(request(text, n), cancel=threading.Event())
+        produced = 0
+        for _delta in gen:
+            # deltas are text; count the tokens behind them
+            while produced < len(gen.tokens):
+                produced += 1
+                yield produced
+        while produced < len(gen.tokens):  # tail flushed after the last token
+            produced += 1
+            yield produced
+        info.update(gen.stats)
+    return start
+
+
+if spec.get("warmup", True):
+    p = spec["prompts"][0]
+    engine.generate(request(p["text"], 8)).run()
+
+results = {}
+for p in spec["prompts"]:
+    ids = engine.prepare(request(p["text"], 1)).tokens
+    stats: dict = {}
+    r = measure_stream(stream(p["text"], spec["n_gen"], stats), len(ids))
+    r["ids_match"] = list(ids) == list(p["ids"])
+    r["engine_stats"] = stats
+    if stats.get("prompt_eval_duration"):
+        r["prefill_tps_internal"] = stats["prompt_eval_count"] / (stats["prompt_eval_duration"] / 1e9)
+    results[p["name"]] = r
+
+conc = []
+short = spec["prompts"][0]["text"]
+for c in spec.get("concurrency", []):
+    def one():
+        g = engine.generate(request(short, spec["conc_n_gen"]), cancel=threading.Event())
+        g.run()
+        return g.stats["eval_count"]
+    conc.append(concurrency(one, c))  # engine.lock serialises inside the engine today
+
+d = engine.describe()
+emit({"event": "result", "engine": "edged", "prompts": results, "concurrency": conc,
+      "rss_loaded_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
+      "load_duration_s": engine.load_duration / 1e9, "describe": d,
+      "weight_bytes": d.get("size")})

@@ -1,0 +1,89 @@
+"""llama.cpp driver (llama-cpp-python, in .cache/bench/venv-llamacpp).
+
+    python driver_llamacpp.py SPEC.json              measure (protocol in _driver_common)
+    python driver_llamacpp.py --quantize IN OUT      requantize a GGUF to Q8_0 with llama.cpp's API
+    python driver_llamacpp.py --version              JSON: llama-cpp-python version + system info
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def quantize(src: str, dst: str) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    params.nthread = 2
+    tmp = dst + ".tmp"
+    rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed: {rc}")
+    os.replace(tmp, dst)
+
+
+def version() -> dict:
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info()
+    return {"llama_cpp_python": llama_cpp.__version__,
+            "system_info": info.decode() if isinstance(info, bytes) else str(info)}
+
+
+def main() -> None:
+    from _driver_common import concurrency, emit, load_spec, measure_stream, peak_rss_bytes, rss_now_bytes
+
+    spec = load_spec()
+    import llama_cpp
+
+    longest = max(len(p["ids"]) for p in spec["prompts"])
+    n_ctx = longest + max(spec["n_gen"], spec.get("conc_n_gen", 0)) + 16
+    llm = llama_cpp.Llama(model_path=spec["model"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                          n_ctx=n_ctx, n_batch=512, n_gpu_layers=0, verbose=False)
+    emit({"event": "ready"})
+    rss_loaded = rss_now_bytes()
+
+    def stream(ids, n):
+        def start():
+            llm.reset()  # no prefix reuse between runs: every prompt is prefilled
+            k = 0
+            for _tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                k += 1
+                yield k  # EOS is ignored: exactly n tokens
+                if k >= n:
+                    break
+        return start
+
+    if spec.get("warmup", True):
+        for _ in stream(spec["prompts"][0]["ids"], 8)():
+            pass
+    results = {}
+    for p in spec["prompts"]:
+        results[p["name"]] = measure_stream(stream(p["ids"], spec["n_gen"]), len(p["ids"]))
+    conc = []
+    lock = threading.Lock()  # one llama context: not thread-safe
+    for c in spec.get("concurrency", []):
+        def one():
+            return sum(1 for _ in stream(spec["prompts"][0]["ids"], spec["conc_n_gen"])())
+        conc.append(concurrency(one, c, lock=lock))
+    emit({"event": "result", "engine": "llamacpp", "prompts": results, "concurrency": conc,
+          "rss_loaded_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
+          "weight_bytes": os.path.getsize(spec["model"]), **version()})
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--quantize"]:
+        quantize(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["--version"]:
+        print(json.dumps(version()))
+    else:
+        main()
