@@ -4,7 +4,7 @@ A request is a JSON object; field names follow Ollama's API where they overlap
 (`prompt`, `system`, `messages`, `options`, `stream`, `raw`, `model`), so the
 same JSON works on both transports. Replies:
 
-    {"id": ..., "delta": "text"}                           # only when streaming
+    {"id": ..., "delta": "text", "seq": n}                 # only when streaming
     {"id": ..., "done": true, "response": ..., <stats>}    # final (chat: "message")
     {"id": ..., "done": true, "error": {"code", "message", ...}}
 
@@ -134,8 +134,9 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def delta_frame(rid: Any, text: str) -> dict:
-    return {"id": rid, "delta": text}
+def delta_frame(rid: Any, text: str, seq: int) -> dict:
+    # seq (1, 2, ...) lets an MQTT client drop a delta that QoS 1 delivered twice.
+    return {"id": rid, "delta": text, "seq": seq}
 
 
 def final_frame(rid: Any, *, model: str, text: str, stats: dict, chat: bool) -> dict:

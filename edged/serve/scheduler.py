@@ -251,7 +251,7 @@ class Scheduler:
         for delta in gen:
             n += 1
             if f.stream:
-                job.emit(protocol.delta_frame(job.id, delta), False)
+                job.emit(protocol.delta_frame(job.id, delta, n), False)
             for hook in self.token_hooks:
                 hook(job, n)
         s = gen.stats

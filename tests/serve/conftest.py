@@ -11,7 +11,6 @@ from serve_helpers import Broker, DaemonThread, Device, make_config
 @pytest.fixture
 def broker(tmp_path):
     b = Broker(tmp_path / "broker")
-    b.dir.mkdir()
     b.start()
     yield b
     b.stop()

@@ -52,6 +52,7 @@ class Broker:
 
     def __init__(self, tmp: Path):
         self.dir = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.conf = tmp / "mosquitto.conf"

@@ -43,7 +43,8 @@ def test_generate_streams_deltas_then_final_with_ollama_stats(start_daemon):
     with d.client() as c:
         frames = list(c.request({"id": "a1", **GEN}))
     deltas, final = frames[:-1], frames[-1]
-    assert all(set(f) == {"id", "delta"} and f["id"] == "a1" for f in deltas)
+    assert all(set(f) == {"id", "delta", "seq"} and f["id"] == "a1" for f in deltas)
+    assert [f["seq"] for f in deltas] == list(range(1, len(deltas) + 1))
     assert final["done"] is True and final["id"] == "a1" and final["model"] == "tiny"
     assert final["response"] == "".join(f["delta"] for f in deltas)
     for key in STATS:
