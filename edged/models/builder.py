@@ -240,8 +240,7 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray]):
     # the vocabulary projection of a whole prompt would dominate prefill.
     node("Gather", [h, init("const.last", np.array([-1], dtype=np.int64))], ["final.last"], axis=1)
     lm = w.get("lm_head.weight")
-    tied = lm is None or spec.tie_word_embeddings
-    if tied:
+    if lm is None or spec.tie_word_embeddings:
         lm = embed
     node("MatMul", ["final.last", init("lm_head.weight_T", lm.T.astype(np.float32))], ["logits"])
 
@@ -252,8 +251,6 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray]):
         producer_name="edged",
     )
     model.ir_version = 9
-    # quantize.py shares one int8 copy between the embedding and the LM head when tied
-    helper.set_model_props(model, {"edged.tied_embeddings": "1" if tied else "0"})
     return model
 
 

@@ -51,7 +51,7 @@ def quantize(fp32_path: str, out_path: str, scheme: str) -> None:
             accuracy_level=cfg["accuracy_level"],
         )
         q.process()
-        share_tied_embedding(q.model.model, cfg["block_size"])
+        quantize_embedding(q.model.model, cfg["block_size"])
         save_model(q.model.model, out_path)
     elif scheme == "int8-dynamic":
         import onnx
@@ -75,33 +75,44 @@ def quantize(fp32_path: str, out_path: str, scheme: str) -> None:
         raise ValueError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)})")
 
 
-def share_tied_embedding(model, block_size: int) -> bool:
-    """Let the token embedding read the LM head's int8 weights.
+def quantize_embedding(model, block_size: int) -> bool:
+    """Replace the fp32 token embedding with an int8 copy read by GatherBlockQuantized.
 
-    With tied embeddings the quantized LM head [vocab, blocks, block] holds one
-    row per token, which is exactly what GatherBlockQuantized needs: the fp32
-    embedding table (113 MB for SmolLM2, a third of the model) is dropped and
-    the embedding costs only a 3-D copy of the scales.
+    The table is stored in its own initializer (not shared with the LM head):
+    onnxruntime maps external data, and a table nobody prepacks stays on disk
+    except for the rows of tokens actually seen, so it costs almost no resident
+    memory while the file shrinks by three quarters of the table.
     """
     import numpy as np
     from onnx import helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    props = {p.key: p.value for p in model.metadata_props}
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    if props.get("edged.tied_embeddings") != "1" or "lm_head.weight_T_Q8" not in inits:
+    found = [(i, n) for i, n in enumerate(g.node) if n.op_type == "Gather" and n.input[0] == "model.embed_tokens.weight"]
+    if not found or "model.embed_tokens.weight" not in inits:
         return False
-    idx, gather = next((i, n) for i, n in enumerate(g.node) if n.op_type == "Gather" and n.input[0] == "model.embed_tokens.weight")
-    data = inits["lm_head.weight_T_Q8"]
-    vocab, blocks = data.dims[0], data.dims[1]
-    scales = numpy_helper.to_array(inits["lm_head.weight_T_scales"]).reshape(vocab, blocks, 1)
-    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scales), "embed.scales"))
-    g.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "embed.shape"))
+    idx, gather = found[0]
+    table = numpy_helper.to_array(inits["model.embed_tokens.weight"]).astype(np.float32)
+    vocab, hidden = table.shape
+    if hidden % block_size:
+        return False
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=8))
+    # The quantizer works on a [K, N] MatMul weight blockwise along K; the transposed
+    # table gives one row of blocks per token: [vocab, hidden / block, block].
+    packed, scales, _ = quantizer.qbits_block_quant(np.ascontiguousarray(table.T))
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(packed, "embed.q8"),
+            numpy_helper.from_array(np.ascontiguousarray(scales.reshape(vocab, -1, 1)), "embed.scales"),
+            numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "embed.shape"),
+        ]
+    )
     g.initializer.remove(inits["model.embed_tokens.weight"])
     new = [
         helper.make_node(
             "GatherBlockQuantized",
-            ["lm_head.weight_T_Q8", gather.input[1], "embed.scales"],
+            ["embed.q8", gather.input[1], "embed.scales"],
             ["embed.blocks"],
             name="embed/GatherBlockQuantized",
             domain="com.microsoft",
