@@ -41,7 +41,9 @@ def cmd_pull(args) -> int:
     digest = sha256_file(path)
     try:
         existing = store.get(args.model)
-        if existing.manifest["source"].get("sha256") == digest:
+        m = existing.manifest
+        current = m.get("converter_version") == _converter_version()
+        if m["source"].get("sha256") == digest and current and m["target"] == (args.target or _host()):
             store.verify(existing, mode="full")
             print(f"{args.model} is up to date ({existing.path})")
             return 0
@@ -63,6 +65,19 @@ def cmd_pull(args) -> int:
     _print_gate(model.manifest)
     print(f"pulled {args.model} -> {model.path}")
     return 0
+
+
+def _converter_version() -> int:
+    # convert.py imports nothing heavy at module level, so this stays cheap
+    from edged.models.convert import CONVERTER_VERSION
+
+    return CONVERTER_VERSION
+
+
+def _host() -> str:
+    from edged.models.quantize import host_target
+
+    return host_target()
 
 
 def cmd_convert(args) -> int:

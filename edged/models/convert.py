@@ -28,6 +28,10 @@ from edged.models.store import Model, ModelStore, check_name
 
 Progress = Callable[[str], None]
 
+# Bump when the graph or the quantization changes: `edged pull` re-prepares models
+# made by an older converter instead of calling them up to date.
+CONVERTER_VERSION = 2
+
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>")
 
 
@@ -248,6 +252,7 @@ def convert(
                 **({"chat_template": "chat_template.jinja"} if src.chat_template else {}),
             },
             "gate": result,
+            "converter_version": CONVERTER_VERSION,
             "conversion_seconds": round(time.time() - t_start, 1),
         }
         (staging / "generation.json").write_text(json.dumps(manifest["generation_defaults"], indent=2))
