@@ -41,7 +41,8 @@ class EngineConfig:
     """onnxruntime settings. Every field is documented in docs/engine.md."""
 
     threads: int | None = None  # intra-op threads; None = physical cores
-    spinning: bool = False  # busy-wait between ops: faster by a hair, burns a core while idle
+    spinning: bool = False  # busy-wait between ops: faster per token, burns cores while it spins
+    spin_duration_us: int | None = None  # with spinning: stop spinning after this long idle (bounded burn)
     graph_optimization: str = "all"  # disabled | basic | extended | all
     memory_arena: bool = True  # onnxruntime's CPU arena: fewer mallocs, more resident memory
     verify: str = "fast"  # fast (size+mtime cache, then sha256 on change) | full | none
@@ -69,6 +70,8 @@ class EngineConfig:
         spin = "1" if self.spinning else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        if self.spinning and self.spin_duration_us is not None:
+            so.add_session_config_entry("session.intra_op.spin_duration_us", str(self.spin_duration_us))
         return so
 
 
