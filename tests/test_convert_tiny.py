@@ -64,3 +64,11 @@ def test_corrupted_model_gives_a_clear_error(tiny_store, tmp_path):
     r = edged_cli("run", "tiny", "hi", home=home)
     assert r.returncode == 1
     assert "corrupt" in r.stderr and "model.onnx.data" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_interactive_chat_keeps_history_and_leaves_on_bye(tiny_store):
+    home = tiny_store.root.parent
+    r = edged_cli("run", "tiny", "--temperature", "0", "--num-predict", "4", home=home, input="hello\n\nsecond turn\n/bye\nnever sent\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") >= 2  # two answers, each ended by a newline
+    assert "Type /bye" in r.stderr and "Traceback" not in r.stderr
