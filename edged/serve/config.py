@@ -35,7 +35,7 @@ def default_socket_path() -> str:
 @dataclass(kw_only=True)
 class SocketConfig:
     enabled: bool = True
-    path: str = field(default_factory=default_socket_path)
+    path: str | None = None  # None = default_socket_path()
     mode: int = 0o660
     owner: str | None = None  # user name or uid; None = the daemon's
     group: str | None = None
@@ -43,13 +43,17 @@ class SocketConfig:
     allow_gids: list[int] | None = None
     max_line_bytes: int = 1 << 20
 
+    def __post_init__(self):
+        if self.path is None:
+            self.path = default_socket_path()
+
 
 @dataclass(kw_only=True)
 class MqttConfig:
     enabled: bool = True
     host: str = "localhost"
     port: int = 1883
-    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "edged")
+    node: str | None = None  # None = the hostname
     prefix: str = "edged"
     client_id: str | None = None  # None = "edged-<node>"; fixed so the session persists
     username: str | None = None
@@ -68,6 +72,10 @@ class MqttConfig:
     dedup_size: int = 1024  # request ids remembered against QoS 1 redelivery
     reconnect_min_delay: float = 1.0
     reconnect_max_delay: float = 30.0
+
+    def __post_init__(self):
+        if self.node is None:
+            self.node = socket.gethostname().split(".")[0] or "edged"
 
 
 @dataclass(kw_only=True)
