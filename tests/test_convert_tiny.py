@@ -68,7 +68,12 @@ def test_corrupted_model_gives_a_clear_error(tiny_store, tmp_path):
 
 def test_interactive_chat_keeps_history_and_leaves_on_bye(tiny_store):
     home = tiny_store.root.parent
-    r = edged_cli("run", "tiny", "--temperature", "0", "--num-predict", "4", home=home, input="hello\n\nsecond turn\n/bye\nnever sent\n")
+    r = edged_cli("run", "tiny", "-v", "--temperature", "0", "--num-predict", "4", home=home, input="hello\n\nhello\n/bye\nnever sent\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("\n") >= 2  # two answers, each ended by a newline
+    import re
+
+    prompts = [int(n) for n in re.findall(r"prompt (\d+) tokens", r.stderr)]
+    assert len(prompts) == 2  # the empty line is skipped, nothing after /bye is sent
+    # the second turn carries the first question and answer: history is kept
+    assert prompts[1] > 2 * prompts[0] - 2
     assert "Type /bye" in r.stderr and "Traceback" not in r.stderr
