@@ -20,3 +20,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# Slow (minutes, qemu): build the aarch64 bundle and verify it under emulation. Not part of `make test`.
+.PHONY: test-arm
+test-arm: setup
+	./build-arm.sh --verify
