@@ -2,6 +2,7 @@
 VENV  ?= .venv
 BIN   := $(VENV)/bin
 MODEL ?= smollm2-135m
+CONFIG ?= examples/edged.yaml
 
 .PHONY: setup run test bench clean
 setup:
@@ -9,7 +10,7 @@ setup:
 
 run: setup
 	$(BIN)/edged pull $(MODEL)
-	$(BIN)/edged run $(MODEL)
+	EDGED_MODEL=$(MODEL) $(BIN)/edged serve --config $(CONFIG)
 
 test: setup
 	$(BIN)/python -m pytest -q
