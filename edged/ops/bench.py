@@ -139,6 +139,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         s["peak_rss_mb"] = median((r.get("peak_rss_bytes") or 0) / 1e6 for r in ok)
         s["rss_loaded_mb"] = median((r.get("rss_loaded_bytes") or 0) / 1e6 for r in ok)
         s["weight_bytes"] = ok[0].get("weight_bytes")
+        s["weight_bytes_per_token"] = ok[0].get("weight_bytes_per_token") or ok[0].get("weight_bytes")
         clients = sorted({c["clients"] for r in ok for c in r.get("concurrency", [])})
         for c in clients:
             vals = [x["aggregate_tps"] for r in ok for x in r.get("concurrency", []) if x["clients"] == c]
@@ -263,13 +264,29 @@ def markdown_report(results: dict) -> str:
             f = (results.get("bandwidth_fraction") or {}).get(eng)
             if f is not None:
                 lines.append(f"- {LABELS[eng]}: {f * 100:.0f}% "
-                             f"({(s.get(eng) or {}).get('weight_bytes', 0) / 1e6:.0f} MB of weights per token)")
+                             f"({((s.get(eng) or {}).get('weight_bytes_per_token') or 0) / 1e6:.0f} MB of weights read per token)")
     if results.get("missing"):
         lines += ["", "Not measured in this run:", ""] + [f"- {x}" for x in results["missing"]]
     lines += ["", "Concurrency: edged's engine serialises generations today (one lock per engine), so 4 clients "
                   "show the same aggregate as 1; the column is there so a batching engine shows its gain. "
                   "llama.cpp (one context) is serialised too; onnxruntime-genai runs one generator per client.",
-              "", "![tokens/s vs prompt length and clients](bench-tokens.png)", ""]
+              "", "![tokens/s vs prompt length and clients](bench-tokens.png)", "",
+              "## How it is measured", "",
+              "- `make bench` = `edged pull` + `edged bench --model smollm2-135m` (`--rounds N`, `--threads N`, "
+              "`--no-anchors`, `--out`). `python -m edged.ops.bench` has the same options plus `--transport`, "
+              "`--store`, `--n-gen`, `--no-docs`.",
+              "- Each engine runs in its own subprocess per round (drivers in `scripts/bench/`): edged through its "
+              "public `Engine` API in edged's venv; llama.cpp through llama-cpp-python built from the PyPI sdist "
+              "(CPU, native ISA) and onnxruntime-genai in their own venvs under `.cache/bench` "
+              "(`scripts/bench/setup_*.sh`, run automatically on first use; the llama.cpp build takes several "
+              "minutes on 2 cores).",
+              "- Prompts are raw text (no chat template) tokenized once; every engine gets the same token ids, "
+              "greedy decoding, no repetition penalty, the same number of generated tokens (llama.cpp and "
+              "onnxruntime-genai ignore EOS; edged's count is in the JSON).",
+              "- TTFT = request -> first token; prefill tok/s = prompt tokens / TTFT; decode tok/s = (tokens - 1) / "
+              "(last token - first token); cold start = process start -> model loaded, ready to answer; peak RSS = "
+              "the driver process's ru_maxrss.",
+              "- The machine is shared: compare ratios from the same run, not absolute numbers across runs.", ""]
     return "\n".join(lines)
 
 
@@ -406,7 +423,7 @@ def ensure_ortgenai(cache: Path, gguf: Path, threads: int) -> tuple[Path, Path]:
         with open(logf, "w") as f:
             subprocess.run([str(py), "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
                             "-p", "int8", "-e", "cpu", "-c", str(cache / "ortgenai-builder-cache"),
-                            "--extra_options", "int4_accuracy_level=4"],
+                            "--extra_options", "accuracy_level=4"],
                            check=True, stdout=f, stderr=subprocess.STDOUT, timeout=3600)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -551,7 +568,9 @@ def run(args) -> dict:
             "cold_start_s": "subprocess start (interpreter, imports, model load) -> ready to answer",
             "peak_rss": "ru_maxrss of the driver process after all its measurements",
             "ratios": "edged / anchor, median over rounds of same-round pairs",
-            "bandwidth_fraction": "weight bytes × decode tok/s (long prompt) ÷ measured read bandwidth",
+            "bandwidth_fraction": "weight bytes read per token (MatMul weights+scales; the whole GGUF for llama.cpp, "
+                                  "whose tied embedding is also the output matrix) × decode tok/s (long prompt) "
+                                  "÷ measured read bandwidth (best pass)",
         },
         "bandwidth": bw,
         "summary": summary,
@@ -562,7 +581,7 @@ def run(args) -> dict:
     bfr = {}
     for eng, s in summary.items():
         dec = (s["prompts"].get("long") or {}).get("decode_tps")
-        bfr[eng] = bandwidth_fraction(s.get("weight_bytes"), dec, bw.get("best_gbps"))
+        bfr[eng] = bandwidth_fraction(s.get("weight_bytes_per_token"), dec, bw.get("best_gbps"))
     results["bandwidth_fraction"] = bfr
     # headline numbers at the top level too (the names the issues ask for)
     for k in ("decode_ratio_vs_llamacpp_q8_0", "decode_ratio_vs_ortgenai_int8", "ttft_ratio_vs_llamacpp",

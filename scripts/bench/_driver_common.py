@@ -59,7 +59,7 @@ def measure_stream(start_fn, n_prompt: int) -> dict:
     }
 
 
-def concurrency(run_one, clients: int, lock: threading.Lock | None = None) -> dict:
+def concurrency(run_one, clients: int, lock: threading.Lock | None = None, mode: str | None = None) -> dict:
     """`clients` threads each run one generation (run_one() -> tokens generated);
     aggregate tokens/s = all tokens / wall time. `lock` serialises engines whose
     API is not thread-safe (recorded as mode)."""
@@ -85,7 +85,31 @@ def concurrency(run_one, clients: int, lock: threading.Lock | None = None) -> di
     wall = time.perf_counter() - t0
     out = {"clients": clients, "tokens": sum(counts), "wall_s": wall,
            "aggregate_tps": sum(counts) / wall if wall > 0 else float("nan"),
-           "mode": "serialised" if lock is not None else "concurrent"}
+           "mode": mode or ("serialised" if lock is not None else "concurrent")}
     if errors:
         out["errors"] = errors[:3]
     return out
+
+
+def onnx_matmul_weight_bytes(model_path: str) -> int | None:
+    """Bytes of the initializers the MatMul-like nodes read (weights, scales, zero points):
+    what one decode step streams from memory. A Gather-only embedding table (one row per
+    token) is not counted. None if onnx is not importable."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    m = onnx.load(model_path, load_external_data=False)
+    sizes = {}
+    for t in m.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            sizes[t.name] = int(ext["length"])
+        else:
+            sizes[t.name] = len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes
+    used = set()
+    for n in m.graph.node:
+        if n.op_type in ("MatMulNBits", "MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "Gemm",
+                         "MatMulIntegerToFloat", "QGemm"):
+            used.update(i for i in n.input[1:] if i in sizes)
+    return sum(sizes[i] for i in used)

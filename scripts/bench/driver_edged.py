@@ -8,7 +8,8 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _driver_common import concurrency, emit, load_spec, measure_stream, peak_rss_bytes, rss_now_bytes  # noqa: E402
+from _driver_common import (concurrency, emit, load_spec, measure_stream, onnx_matmul_weight_bytes,  # noqa: E402
+                            peak_rss_bytes, rss_now_bytes)
 
 spec = load_spec()
 
@@ -69,10 +70,12 @@ for c in spec.get("concurrency", []):
         g = engine.generate(request(short, spec["conc_n_gen"]), cancel=threading.Event())
         g.run()
         return g.stats["eval_count"]
-    conc.append(concurrency(one, c))  # engine.lock serialises inside the engine today
+    # clients are real threads; today the engine's own lock serialises them
+    conc.append(concurrency(one, c, mode="threads (engine serialises)"))
 
 d = engine.describe()
 emit({"event": "result", "engine": "edged", "prompts": results, "concurrency": conc,
       "rss_loaded_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
       "load_duration_s": engine.load_duration / 1e9, "describe": d,
-      "weight_bytes": d.get("size")})
+      "weight_bytes": sum(f["size"] for name, f in engine.model.manifest["files"].items() if ".onnx" in name),
+      "weight_bytes_per_token": onnx_matmul_weight_bytes(str(engine.model.file("model")))})

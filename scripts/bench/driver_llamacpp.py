@@ -77,7 +77,9 @@ def main() -> None:
         conc.append(concurrency(one, c, lock=lock))
     emit({"event": "result", "engine": "llamacpp", "prompts": results, "concurrency": conc,
           "rss_loaded_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
-          "weight_bytes": os.path.getsize(spec["model"]), **version()})
+          # tied embeddings: token_embd is also the output matrix, so the whole file is read per token
+          "weight_bytes": os.path.getsize(spec["model"]), "weight_bytes_per_token": os.path.getsize(spec["model"]),
+          **version()})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def version() -> dict:
 
 
 def main() -> None:
-    from _driver_common import concurrency, emit, load_spec, measure_stream, peak_rss_bytes, rss_now_bytes
+    from _driver_common import (concurrency, emit, load_spec, measure_stream, onnx_matmul_weight_bytes,
+                                peak_rss_bytes, rss_now_bytes)
 
     spec = load_spec()
     import onnxruntime_genai as og
@@ -75,7 +76,8 @@ def main() -> None:
                  if f.endswith((".onnx", ".onnx.data", ".data")))
     emit({"event": "result", "engine": "ortgenai", "prompts": results, "concurrency": conc,
           "rss_loaded_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
-          "weight_bytes": weight, **version()})
+          "weight_bytes": weight,
+          "weight_bytes_per_token": onnx_matmul_weight_bytes(os.path.join(spec["model"], "model.onnx")), **version()})
 
 
 if __name__ == "__main__":
