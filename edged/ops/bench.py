@@ -138,6 +138,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         s["cold_start_s"] = median(r.get("cold_start_s") for r in ok)
         s["peak_rss_mb"] = median((r.get("peak_rss_bytes") or 0) / 1e6 for r in ok)
         s["rss_loaded_mb"] = median((r.get("rss_loaded_bytes") or 0) / 1e6 for r in ok)
+        if any(r.get("load_duration_s") is not None for r in ok):  # the engine's own load, without imports
+            s["engine_load_s"] = median(r.get("load_duration_s") for r in ok)
         s["weight_bytes"] = ok[0].get("weight_bytes")
         s["weight_bytes_per_token"] = ok[0].get("weight_bytes_per_token") or ok[0].get("weight_bytes")
         clients = sorted({c["clients"] for r in ok for c in r.get("concurrency", [])})
@@ -512,7 +514,10 @@ def run(args) -> dict:
         except Exception as e:
             gguf = None
             missing.append(f"anchors: the source GGUF of {args.model!r} was not found ({e})")
-        if gguf is not None:
+        wanted = set((getattr(args, "anchors", None) or "llamacpp,ortgenai").split(","))
+        for a in sorted({"llamacpp", "ortgenai"} - wanted):
+            missing.append(f"{a}: not requested (--anchors)")
+        if gguf is not None and "llamacpp" in wanted:
             try:
                 py, q8 = ensure_llamacpp(cache, gguf)
                 cmds["llamacpp"] = ([str(py), str(SCRIPTS / "driver_llamacpp.py")], {**base_spec, "model": str(q8)})
@@ -524,6 +529,7 @@ def run(args) -> dict:
                     machine["llama_cpp_system_info"] = lv.get("system_info")
             except Exception as e:
                 missing.append(f"llama.cpp Q8_0: set-up failed: {e}")
+        if gguf is not None and "ortgenai" in wanted:
             try:
                 py, gm = ensure_ortgenai(cache, gguf, threads)
                 cmds["ortgenai"] = ([str(py), str(SCRIPTS / "driver_ortgenai.py")], {**base_spec, "model": str(gm)})
@@ -659,6 +665,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="models folder (default: $EDGED_HOME/models)")
     p.add_argument("--n-gen", type=int, default=128)
     p.add_argument("--no-docs", action="store_true", help="write only the JSON (no docs/benchmarks.md, no plot)")
+    p.add_argument("--anchors", default="llamacpp,ortgenai", help="comma-separated anchors to run")
     return p
 
 
