@@ -59,6 +59,8 @@ class GovernorConfig:
     enabled: bool = True
     board: str = "generic"
     zone_type: str | None = None  # thermal zone type to follow; None = first known CPU type
+    root: str = "/"  # where /sys and /proc are read (tests point it at a fake tree)
+    vcgencmd: bool = False  # ask `vcgencmd get_throttled` when the sysfs file is absent (needs group video)
     interval: float = 2.0  # seconds between samples
     warm_c: float = 70.0
     hot_c: float = 75.0
@@ -141,7 +143,8 @@ class Governor:
         errs = self.config.validate()
         if errs:
             raise ValueError("governor: " + "; ".join(errs))
-        self.sources = sources or Sources(zone_type=self.config.zone_type)
+        self.sources = sources or Sources(self.config.root, zone_type=self.config.zone_type,
+                                          use_vcgencmd=self.config.vcgencmd)
         import os
 
         self.cores = cores or len(os.sched_getaffinity(0))

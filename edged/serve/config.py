@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from edged.errors import ConfigError
+from edged.ops.governor import GovernorConfig
 
 
 def default_socket_path() -> str:
@@ -92,6 +93,7 @@ class Config:
     log_level: str = "info"
     socket: SocketConfig = field(default_factory=SocketConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    governor: GovernorConfig = field(default_factory=GovernorConfig)  # thermal/memory governor (edged/ops)
     source: str | None = None  # the file this came from (for SIGHUP reload and messages)
 
     def __post_init__(self):
@@ -141,6 +143,9 @@ LIVE_KEYS = {
     "socket.max_line_bytes",
     "mqtt.telemetry_interval",
     "mqtt.max_payload_bytes",
+    *(f"governor.{k}" for k in ("warm_c", "hot_c", "critical_c", "hysteresis_c", "threads", "duty", "token_cap",
+                                "retry_after_ms", "reserve_mb", "memory_limit_mb", "tight_mb", "critical_mb",
+                                "psi_tight", "psi_critical", "load_factor")),
 }
 
 # Environment overrides for the common keys.
@@ -290,3 +295,5 @@ def _check_values(cfg: Config, where: str) -> None:
             bad(f"mqtt.{key}", "must be a non-empty topic level without '/', '+' or '#'")
     if (m.tls_cert is None) != (m.tls_key is None):
         bad("mqtt.tls_cert", "and mqtt.tls_key must be given together")
+    for msg in cfg.governor.validate():
+        bad("governor", msg)

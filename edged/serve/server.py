@@ -124,6 +124,7 @@ class Server:
             new = Config.load(self.config.source)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e.message)
+            self._fire(self.on_reloaded)  # still running: systemd waits for READY=1 after RELOADING=1
             return
         old_flat, new_flat = _flatten(self.config.to_dict()), _flatten(new.to_dict())
         changed = sorted(k for k in new_flat if new_flat[k] != old_flat.get(k))
@@ -261,6 +262,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def run(config: Config, **kwargs) -> int:
     """Blocking entry point for `edged serve`."""
     server = Server(config, **kwargs)
+    from edged.ops.wiring import attach
+
+    attach(server)  # governor + sd_notify/watchdog/journald (no-ops outside systemd)
     asyncio.run(server.serve())
     return 0
 
