@@ -164,6 +164,12 @@ class Scheduler:
         job.finish(protocol.error_frame(job.id, Cancelled("cancelled before it started")))
         return True
 
+    def cancel_any(self, rid: Any, scope_prefix: str) -> bool:
+        """Cancel by id among the scopes starting with scope_prefix (MQTT: any reply topic)."""
+        with self._cv:
+            scopes = [s for (s, k) in self._jobs if k == str(rid) and s.startswith(scope_prefix)]
+        return any([self.cancel(s, rid) for s in scopes])
+
     def cancel_scope(self, scope: str) -> int:
         """Cancel everything a connection submitted (it disconnected)."""
         with self._cv:
@@ -246,7 +252,9 @@ class Scheduler:
             self.model_name = self.engine.model.name
         engine = self.engine
         f = job.frame
-        gen = engine.generate(f.gen, cancel=job.cancel)
+        t_start = time.monotonic()
+        gen = engine.generate(f.gen, cancel=job.cancel)  # template + tokenize + context check
+        prepare_ns = int((time.monotonic() - t_start) * 1e9)
         n = 0
         for delta in gen:
             n += 1
@@ -254,7 +262,10 @@ class Scheduler:
                 job.emit(protocol.delta_frame(job.id, delta, n), False)
             for hook in self.token_hooks:
                 hook(job, n)
-        s = gen.stats
+        # Like Ollama, total_duration covers templating and tokenization too; queue_duration is our addition.
+        s = dict(gen.stats)
+        s["total_duration"] += prepare_ns
+        s["queue_duration"] = int((t_start - job.enqueued) * 1e9)
         self.recent.append((s["eval_count"], s["eval_duration"], s["total_duration"]))
         self.completed += 1
         job.finish(protocol.final_frame(job.id, model=engine.model.name, text=gen.text, stats=s, chat=f.op == "chat"))
