@@ -26,3 +26,10 @@ clean:
 .PHONY: test-arm
 test-arm: setup
 	./build-arm.sh --verify
+
+# Install as a systemd service (root): user/group, venv in /opt/edged, /etc/edged, units.
+# make install BOARD=pi4   (generic | pi4 | pi5 | zero2w); see docs/operations.md.
+BOARD ?= generic
+.PHONY: install
+install:
+	./scripts/install.sh --board $(BOARD) $(INSTALL_ARGS)
