@@ -318,9 +318,11 @@ class Governor:
             return None
         return max(16, int(self.headroom // 2 // self.kv_bytes_per_token))
 
-    def admit(self, *, tokens: int | None = None, kv_bytes: int | None = None) -> EdgedError | None:
+    def admit(self, *, tokens: int | None = None, kv_bytes: int | None = None,
+              load_bytes: int = 0) -> EdgedError | None:
         """None to admit; else the error to send. `tokens` (prompt + to predict) or
-        `kv_bytes` estimate the request's KV cache."""
+        `kv_bytes` estimate the request's KV cache; `load_bytes` is what reloading an
+        unloaded model will take (its headroom was freed by the unload)."""
         if not self.config.enabled:
             return None
         with self._lock:
@@ -334,13 +336,15 @@ class Governor:
                             retry_after_ms=self.config.retry_after_ms, reason="memory", memory=self.memory_state)
             if kv_bytes is None and tokens is not None and self.kv_bytes_per_token:
                 kv_bytes = tokens * self.kv_bytes_per_token
-            if kv_bytes is not None and self.headroom is not None and kv_bytes > self.headroom:
+            need = (kv_bytes or 0) + load_bytes
+            if need and self.headroom is not None and need > self.headroom:
                 self.refused += 1
+                reload = f" plus {_mb(load_bytes)} MiB to reload the model" if load_bytes else ""
                 return InsufficientMemory(
-                    f"the request's KV cache needs {_mb(kv_bytes)} MiB but only {_mb(self.headroom)} MiB may be "
-                    f"allocated ({self.memory_cause if self.memory else 'headroom after reserve'}); "
+                    f"the request's KV cache needs {_mb(kv_bytes or 0)} MiB{reload} but only {_mb(self.headroom)} MiB "
+                    f"may be allocated ({self.memory_cause if self.memory else 'headroom after reserve'}); "
                     f"ask for fewer tokens (options.num_predict / num_ctx)",
-                    needed_bytes=kv_bytes, headroom_bytes=self.headroom)
+                    needed_bytes=need, headroom_bytes=self.headroom)
         return None
 
     def limit_options(self, options: dict) -> dict:

@@ -154,14 +154,46 @@ def _limit(text: str | None) -> int | None:
     return _int(text)
 
 
-def read_cgroup_memory(root: Path, cgroup: str | None = None) -> dict | None:
-    cg = cgroup if cgroup is not None else own_cgroup(root)
+def own_cgroup_v1(root: Path) -> str | None:
+    """The cgroup v1 memory-controller path ('4:memory:/edged'), for hybrid hosts."""
+    for line in (_read(root / "proc/self/cgroup") or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and "memory" in parts[1].split(","):
+            return parts[2] or "/"
+    return None
+
+
+def read_cgroup_v1_memory(root: Path, cgroup: str | None = None) -> dict | None:
+    """cgroup v1 fallback: usage_in_bytes, limit_in_bytes (as max), failcnt (as max events)."""
+    cg = cgroup if cgroup is not None else own_cgroup_v1(root)
     if cg is None:
         return None
-    base = root / "sys/fs/cgroup" / cg.lstrip("/")
-    current = _int(_read(base / "memory.current"))
+    base = root / "sys/fs/cgroup/memory" / cg.lstrip("/")
+    current = _int(_read(base / "memory.usage_in_bytes"))
     if current is None:
         return None
+    limit = _int(_read(base / "memory.limit_in_bytes"))
+    events = {"max": _int(_read(base / "memory.failcnt")) or 0}
+    for line in (_read(base / "memory.oom_control") or "").splitlines():
+        k, _, v = line.partition(" ")
+        if k == "oom_kill" and _int(v) is not None:
+            events["oom_kill"] = int(v)
+    return {
+        "path": cg,
+        "version": 1,
+        "current": current,
+        "high": None,
+        "max": limit if limit is not None and limit < (1 << 62) else None,
+        "events": events,
+    }
+
+
+def read_cgroup_memory(root: Path, cgroup: str | None = None) -> dict | None:
+    cg = cgroup if cgroup is not None else own_cgroup(root)
+    base = root / "sys/fs/cgroup" / (cg or "").lstrip("/")
+    current = _int(_read(base / "memory.current")) if cg is not None else None
+    if current is None:
+        return read_cgroup_v1_memory(root) if cgroup is None else None
     events = {}
     for line in (_read(base / "memory.events") or "").splitlines():
         k, _, v = line.partition(" ")
@@ -169,6 +201,7 @@ def read_cgroup_memory(root: Path, cgroup: str | None = None) -> dict | None:
             events[k] = int(v)
     return {
         "path": cg,
+        "version": 2,
         "current": current,
         "high": _limit(_read(base / "memory.high")),
         "max": _limit(_read(base / "memory.max")),

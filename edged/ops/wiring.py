@@ -78,7 +78,9 @@ class Ops:
         if n_pred is None or n_pred < 0:
             n_pred = min(gen.options.get("num_ctx") or ctx, ctx)
         tokens = min(chars // 3 + 16 + n_pred, gen.options.get("num_ctx") or ctx, ctx)
-        return gov.admit(tokens=tokens)
+        sched, size = self.server.scheduler, self.server.model_info.get("size") or 0
+        load = int(size * gov.config.load_factor) if sched is not None and sched.engine is None else 0
+        return gov.admit(tokens=tokens, load_bytes=load)
 
     def token(self, job, n: int) -> None:
         self.progress.beat(job, n)
