@@ -182,3 +182,15 @@ def daemon_config(tmp: Path, models_dir, **over) -> dict:
         else:
             cfg[k] = v
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_affinity():
+    """The governor's core cap pins every thread of the process: undo it after each test."""
+    allowed = os.sched_getaffinity(0)
+    yield
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), allowed)
+        except OSError:
+            pass
