@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edged.errors import Busy, Cancelled, DeadlineExceeded, EdgedError, ShuttingDown
+from edged.errors import Busy, Cancelled, DeadlineExceeded, DuplicateRequest, EdgedError, ShuttingDown
 from edged.serve import protocol
 from edged.serve.protocol import Frame
 
@@ -36,7 +36,7 @@ Emit = Callable[[dict, bool], None]  # (frame, final)
 class Job:
     frame: Frame
     emit: Emit
-    scope: str = ""  # who may cancel it by id: one socket connection, or "mqtt"
+    scope: str = ""  # who may cancel it by id: "unix:<conn>" or "mqtt:<reply topic>"
     deadline: float | None = None  # time.monotonic() after which it must not start
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
@@ -131,8 +131,6 @@ class Scheduler:
                 raise DeadlineExceeded("the request expired before it was queued")
             key = (job.scope, job.frame.key)
             if job.frame.id is not None and key in self._jobs:
-                from edged.errors import DuplicateRequest
-
                 raise DuplicateRequest(f"request id {job.id!r} is already queued or running", field="id")
             if len(self._heap) >= self.queue_size:
                 raise Busy(

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable
 
 from edged import __version__
-from edged.errors import ConfigError, EdgedError, ModelNotFound
+from edged.errors import ConfigError, EdgedError, ModelNotFound, ShuttingDown
 from edged.serve import protocol
 from edged.serve.config import LIVE_KEYS, Config
 from edged.serve.protocol import Frame
@@ -197,8 +197,6 @@ class Server:
     def _submit(self, frame: Frame, emit: Emit, scope: str, deadline: float | None) -> None:
         sched = self.scheduler
         if sched is None:
-            from edged.errors import ShuttingDown
-
             raise ShuttingDown("the daemon is shutting down")
         name = self.model_info.get("name")
         if frame.model is not None and frame.model != name and frame.model.split(":")[0] != name:

@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
 import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -50,7 +49,7 @@ def wait_for(pred, timeout: float = WAIT, what: str = "condition"):
 class Broker:
     """Debian's mosquitto with its own config file, persistence in a tmp dir."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, extra: tuple[str, ...] = ()):
         self.dir = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -58,7 +57,7 @@ class Broker:
         self.conf = tmp / "mosquitto.conf"
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            *(extra or ("allow_anonymous true",)),
             "persistence true",
             f"persistence_location {tmp}/",
             "max_queued_messages 10000",

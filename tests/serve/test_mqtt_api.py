@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 
-import paho.mqtt.client as mqtt
 from serve_helpers import WAIT, Device, wait_for
 
 GEN = {"prompt": "hello there", "options": {"num_predict": 6, "temperature": 0}}
@@ -326,4 +324,44 @@ def test_ask_cli_over_mqtt(start_daemon, broker):
     assert frames[-1]["done"] and "response" in frames[-1]
 
 
-_ = (mqtt, uuid, Device)
+
+def test_status_health_models_ops_over_mqtt(start_daemon, broker, device_factory):
+    d = start_daemon(broker=broker)
+    mqtt_ready(d)
+    dev = device_factory().connect()
+    for op in ("status", "health", "models"):
+        dev.request({"id": op, "op": op}, corr=op.encode())
+    finals = dict(dev.wait_finals(3))
+    assert finals[b"status"]["status"]["model"] == "tiny"
+    assert finals[b"status"]["status"]["transports"]["mqtt"]["connected"] is True
+    assert finals[b"health"]["health"] == "ok" and finals[b"models"]["models"][0]["name"] == "tiny"
+
+
+def test_username_password_from_config_and_wrong_password_never_crashes(start_daemon, tmp_path, device_factory):
+    import subprocess
+
+    from serve_helpers import Broker
+
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "edged", "s3cret"], check=True, capture_output=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(pw), "dev", "devpw"], check=True, capture_output=True)
+    b = Broker(tmp_path / "authbroker", extra=("allow_anonymous false", f"password_file {pw}"))
+    b.start()
+    try:
+        bad = start_daemon(broker=b, mqtt__username="edged", mqtt__password="wrong", mqtt__node="bad",
+                           socket__path=str(tmp_path / "bad.sock"))  # fmt: skip
+        good = start_daemon(broker=b, mqtt__username="edged", mqtt__password="s3cret")
+        mqtt_ready(good)
+        dev = Device(b)
+        dev.c.username_pw_set("dev", "devpw")
+        dev.connect()
+        dev.request(GEN, corr=b"auth")
+        assert "response" in dev.wait_finals(1)[0][1]
+        # the refused daemon keeps retrying in the background and keeps serving its socket
+        bad_t = next(t for t in bad.server.transports if t.name == "mqtt")
+        assert not bad_t.connected.is_set()
+        with bad.client() as c:
+            assert "response" in c.call(GEN)
+        dev.close()
+    finally:
+        b.stop()
