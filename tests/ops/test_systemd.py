@@ -242,3 +242,21 @@ def test_socket_activation_hands_the_daemon_its_socket(tmp_path, tiny_store, not
             d.proc.wait(WAIT)
         finally:
             d.kill()
+
+
+def test_without_systemd_python_the_fallback_notifies(notify_socket):
+    """A fresh interpreter where `import systemd` fails: the plain-Python datagram path is used."""
+    import sys
+
+    code = (
+        "import sys; sys.modules['systemd'] = None\n"
+        "from edged.ops import systemd as sd\n"
+        "assert not sd.have_systemd_python()\n"
+        "assert sd.Notifier().ready('fallback ok')\n"
+        "assert sd.journal_handler() is None\n"
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": notify_socket.path, "JOURNAL_STREAM": "1:1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    _, m = notify_socket.wait(lambda m: m.get("READY") == "1")
+    assert m["STATUS"] == "fallback ok"
