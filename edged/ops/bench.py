@@ -267,6 +267,18 @@ def markdown_report(results: dict) -> str:
             if f is not None:
                 lines.append(f"- {LABELS[eng]}: {f * 100:.0f}% "
                              f"({((s.get(eng) or {}).get('weight_bytes_per_token') or 0) / 1e6:.0f} MB of weights read per token)")
+    t = results.get("transport")
+    if isinstance(t, dict):
+        lines += ["", "Transport overhead (client round trip minus the engine's own time, short requests; "
+                      "`--transport`, `edged.serve.bench_transport`):", "",
+                  "| transport | overhead p50 (ms) | overhead p99 (ms) | round trip p50 (ms) |", "|---|---|---|---|"]
+        for name in ("socket", "mqtt"):
+            x = t.get(name) or {}
+            lines.append(f"| {name} | {_fmt(x.get('overhead_ms_p50'), 2)} | {_fmt(x.get('overhead_ms_p99'), 2)} | "
+                         f"{_fmt(x.get('round_trip_ms_p50'), 2)} |")
+        if t.get("goals"):
+            lines.append("")
+            lines.append("Goals: " + ", ".join(f"{k}: {v}" for k, v in t["goals"].items()))
     if results.get("missing"):
         lines += ["", "Not measured in this run:", ""] + [f"- {x}" for x in results["missing"]]
     lines += ["", "Concurrency: edged's engine serialises generations today (one lock per engine), so 4 clients "
@@ -603,8 +615,12 @@ def transport_bench(args, store, results: dict) -> None:
     except ImportError:
         results.setdefault("missing", []).append("transport: edged.serve.bench_transport.run_transport_bench does not exist yet")
         return
+    log("transport bench (socket + MQTT, in-process daemon)")
     try:
-        results["transport"] = run_transport_bench(store, args.model)
+        try:
+            results["transport"] = run_transport_bench(store, args.model, threads=int(args.threads))
+        except TypeError:
+            results["transport"] = run_transport_bench(store, args.model)
     except Exception as e:
         results.setdefault("missing", []).append(f"transport: failed: {e!r}")
 

@@ -105,3 +105,24 @@ def test_edged_only_run_on_tiny_model(tiny_store, tmp_path, monkeypatch):
     assert res["bandwidth"]["best_gbps"] > 0
     assert "anchors skipped (--no-anchors)" in res["missing"]
     assert res["decode_ratio_vs_llamacpp_q8_0"] is None
+
+
+def test_transport_hook_calls_the_serve_function(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("edged.serve.bench_transport")
+
+    def run_transport_bench(store, model, *, threads=None):
+        calls.append((store, model, threads))
+        return {"socket": {"overhead_ms_p50": 0.5, "overhead_ms_p99": 1.0, "round_trip_ms_p50": 3.0},
+                "mqtt": {"overhead_ms_p50": 1.5}, "goals": {"overhead_p50_le_2ms": True}}
+
+    fake.run_transport_bench = run_transport_bench
+    monkeypatch.setitem(sys.modules, "edged.serve.bench_transport", fake)
+    results: dict = {"missing": []}
+    bench.transport_bench(argparse.Namespace(model="m", threads=2), "STORE", results)
+    assert calls == [("STORE", "m", 2)]
+    md = bench.markdown_report(results)
+    assert "| socket | 0.50 | 1.00 | 3.00 |" in md and "overhead_p50_le_2ms: True" in md
