@@ -198,7 +198,11 @@ class Connection:
         buf = b""
         discarding = False
         while not self.closed:
-            chunk = await self.reader.read(65536)
+            try:
+                chunk = await self.reader.read(65536)
+            except ConnectionError:  # reset by a peer that left with replies unread
+                self.closed = True
+                break
             if not chunk:
                 break
             buf += chunk

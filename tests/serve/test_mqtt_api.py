@@ -365,3 +365,43 @@ def test_username_password_from_config_and_wrong_password_never_crashes(start_da
         dev.close()
     finally:
         b.stop()
+
+
+def test_tls_with_ca_and_client_certificate(start_daemon, tmp_path):
+    """mosquitto with a TLS listener that requires a client certificate."""
+    import shutil
+    import subprocess
+
+    import pytest
+    from serve_helpers import Broker
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    d = tmp_path / "pki"
+    d.mkdir()
+
+    def ossl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=edged-test-ca")
+    for name in ("server", "client"):
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={'localhost' if name == 'server' else 'edged'}")
+        ext = d / f"{name}.ext"
+        ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", str(ext))
+    b = Broker(tmp_path / "tlsbroker", extra=(
+        "allow_anonymous true", f"cafile {d}/ca.crt", f"certfile {d}/server.crt", f"keyfile {d}/server.key",
+        "require_certificate true"))  # fmt: skip
+    b.start()
+    try:
+        dm = start_daemon(broker=b, mqtt__tls_ca=str(d / "ca.crt"), mqtt__tls_cert=str(d / "client.crt"),
+                          mqtt__tls_key=str(d / "client.key"))  # fmt: skip
+        mqtt_ready(dm)
+        dev = Device(b)
+        dev.c.tls_set(ca_certs=str(d / "ca.crt"), certfile=str(d / "client.crt"), keyfile=str(d / "client.key"))
+        dev.connect()
+        dev.request(GEN, corr=b"tls")
+        assert "response" in dev.wait_finals(1)[0][1]
+        dev.close()
+    finally:
+        b.stop()
