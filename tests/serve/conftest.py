@@ -5,7 +5,7 @@ live in serve_helpers.py."""
 from __future__ import annotations
 
 import pytest
-from serve_helpers import Broker, DaemonThread, Device, make_config
+from serve.serve_helpers import Broker, DaemonThread, Device, make_config
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import yaml
-from serve_helpers import WAIT, DaemonProcess, edged_exe, make_config, wait_for
+from serve.serve_helpers import WAIT, DaemonProcess, edged_exe, make_config, wait_for
 
 from edged.errors import ConfigError
 from edged.serve.client import SocketClient

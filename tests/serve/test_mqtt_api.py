@@ -6,7 +6,7 @@ import json
 import threading
 import time
 
-from serve_helpers import WAIT, Device, wait_for
+from serve.serve_helpers import WAIT, Device, wait_for
 
 GEN = {"prompt": "hello there", "options": {"num_predict": 6, "temperature": 0}}
 
@@ -164,7 +164,7 @@ def test_availability_status_info_telemetry_and_last_will(start_daemon, broker, 
 
 def test_last_will_when_daemon_dies(broker, device_factory, tmp_path, tiny_store):
     """A daemon process killed with SIGKILL: the broker publishes our will."""
-    from serve_helpers import DaemonProcess, make_config
+    from serve.serve_helpers import DaemonProcess, make_config
 
     cfg = make_config(tmp_path, broker=broker, models_dir=tiny_store.root, mqtt__keepalive=1)
     p = DaemonProcess(tmp_path, cfg).wait_ready(cfg["socket"]["path"])
@@ -311,7 +311,7 @@ def test_shared_subscription_splits_requests_between_boards(start_daemon, broker
 def test_ask_cli_over_mqtt(start_daemon, broker):
     import subprocess
 
-    from serve_helpers import edged_exe
+    from serve.serve_helpers import edged_exe
 
     d = start_daemon(broker=broker)
     mqtt_ready(d)
@@ -340,7 +340,7 @@ def test_status_health_models_ops_over_mqtt(start_daemon, broker, device_factory
 def test_username_password_from_config_and_wrong_password_never_crashes(start_daemon, tmp_path, device_factory):
     import subprocess
 
-    from serve_helpers import Broker
+    from serve.serve_helpers import Broker
 
     pw = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "edged", "s3cret"], check=True, capture_output=True)
@@ -373,7 +373,7 @@ def test_tls_with_ca_and_client_certificate(start_daemon, tmp_path):
     import subprocess
 
     import pytest
-    from serve_helpers import Broker
+    from serve.serve_helpers import Broker
 
     if not shutil.which("openssl"):
         pytest.skip("openssl not installed")

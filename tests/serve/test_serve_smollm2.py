@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from serve_helpers import WAIT, DaemonThread, make_config, wait_for
+from serve.serve_helpers import WAIT, DaemonThread, make_config, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from serve_helpers import WAIT, wait_for
+from serve.serve_helpers import WAIT, wait_for
 
 from edged.serve.client import SocketClient
 
@@ -189,7 +189,7 @@ def test_socket_mode_and_stale_socket_file(start_daemon, tmp_path):
 
 
 def test_second_daemon_refuses_a_live_socket(start_daemon, tiny_engine, tiny_store, tmp_path):
-    from serve_helpers import DaemonThread, make_config
+    from serve.serve_helpers import DaemonThread, make_config
 
     start_daemon()
     other = DaemonThread(make_config(tmp_path, models_dir=tiny_store.root), engine=tiny_engine)
