@@ -405,3 +405,24 @@ def test_tls_with_ca_and_client_certificate(start_daemon, tmp_path):
         dev.close()
     finally:
         b.stop()
+
+
+def test_request_arriving_during_shutdown_goes_to_the_next_run(start_daemon, broker, device_factory):
+    d1 = start_daemon(broker=broker, shutdown_grace=30.0)
+    gate = Gate(at=1)
+    d1.server.scheduler.token_hooks.append(gate)
+    t1 = mqtt_ready(d1)
+    dev = device_factory().connect()
+    dev.request({**GEN, "id": "A"}, corr=b"A")
+    assert gate.reached.wait(WAIT)
+    d1.server.request_stop()
+    wait_for(lambda: not t1.accepting, what="daemon to stop accepting")
+    dev.request({**GEN, "id": "B"}, corr=b"B")  # delivered to d1 but never acknowledged by it
+    time.sleep(0.2)
+    gate.release.set()  # A finishes within the grace period
+    d1.thread.join(WAIT)
+    assert [c for c, _ in dev.finals()] == [b"A"]
+    d2 = start_daemon(broker=broker)
+    finals = dict(dev.wait_finals(2))
+    assert "response" in finals[b"A"] and "response" in finals[b"B"]
+    assert d1.server.scheduler is None and d2.server.scheduler.completed == 1
