@@ -10,10 +10,13 @@ STATE=/var/lib/edged
 UNITS=1
 START=0
 FORCE=0
+BOARD=""
 
 usage() {
   cat <<EOF
-usage: sudo ./install.sh [--prefix DIR] [--state-dir DIR] [--no-units] [--start] [--force]
+usage: sudo ./install.sh [--board pi4|pi5|zero2w|generic] [--prefix DIR] [--state-dir DIR] [--no-units] [--start] [--force]
+
+  --board B         board profile of firmware-config/ (default: from the CPU in /proc/cpuinfo)
 
   --prefix DIR      venv and shared files (default $PREFIX); edged is linked to /usr/local/bin
   --state-dir DIR   EDGED_HOME of the service; models go to DIR/models (default $STATE)
@@ -25,6 +28,7 @@ EOF
 
 while [ $# -gt 0 ]; do
   case "$1" in
+    --board) BOARD=$2; shift 2 ;;
     --prefix) PREFIX=$2; shift 2 ;;
     --state-dir) STATE=$2; shift 2 ;;
     --no-units) UNITS=0; shift ;;
@@ -47,10 +51,11 @@ python3.11 -c 'import venv, ensurepip' 2>/dev/null || die "python3-venv is missi
 # and runs on the Pi 5 (Cortex-A76) too; see docs/arm.md. Other CPUs: warn.
 part=$(awk -F: '/CPU part/ {gsub(/ /, "", $2); print $2; exit}' /proc/cpuinfo)
 case "$part" in
-  0xd08) say "CPU: Cortex-A72 (Raspberry Pi 4)" ;;
-  0xd0b) say "CPU: Cortex-A76 (Raspberry Pi 5)" ;;
-  0xd03) say "CPU: Cortex-A53 (Raspberry Pi 3 / Zero 2): not verified, slow" ;;
-  *) [ "$FORCE" -eq 1 ] || die "CPU part ${part:-unknown} was not verified for this bundle (use --force)" ;;
+  0xd08) BOARD=${BOARD:-pi4}; say "CPU: Cortex-A72 (Raspberry Pi 4)" ;;
+  0xd0b) BOARD=${BOARD:-pi5}; say "CPU: Cortex-A76 (Raspberry Pi 5)" ;;
+  0xd03) BOARD=${BOARD:-zero2w}; say "CPU: Cortex-A53 (Zero 2 W / Pi 3): not verified under emulation, slow"
+         [ "$FORCE" -eq 1 ] || die "use --force to install on a Cortex-A53" ;;
+  *) BOARD=${BOARD:-generic}; [ "$FORCE" -eq 1 ] || die "CPU part ${part:-unknown} was not verified for this bundle (use --force)" ;;
 esac
 
 # 1. venv from the bundled wheels only, with every version pinned by constraints.txt.
@@ -62,14 +67,23 @@ python3.11 -m venv --clear "$PREFIX/venv"
 "$PREFIX/venv/bin/python" -c 'import onnxruntime, tokenizers, edged; print("install.sh: onnxruntime", onnxruntime.__version__)'
 ln -sf "$PREFIX/venv/bin/edged" /usr/local/bin/edged
 cp "$HERE/bundle.json" "$PREFIX/bundle.json"
-for d in firmware-config docs; do
-  if [ -d "$HERE/$d" ]; then rm -rf "${PREFIX:?}/$d"; cp -r "$HERE/$d" "$PREFIX/$d"; fi
-done
+if [ -d "$HERE/firmware-config" ]; then rm -rf "${PREFIX:?}/firmware-config"; cp -r "$HERE/firmware-config" "$PREFIX/firmware-config"; fi
 
-# 2. models: staged next to the store, then one rename (the store's own rule), then verified.
-if ! id edged >/dev/null 2>&1; then
-  useradd --system --home-dir "$STATE" --no-create-home --shell /usr/sbin/nologin edged
+# 2. user, groups, /etc/edged/edged.yaml, units and the board's drop-in: the project's own
+#    installer (scripts/install.sh, bundled as it was at build time), without its venv step
+#    and without starting anything before the model is in place.
+if [ "$UNITS" -eq 1 ] && [ -f "$HERE/scripts/install.sh" ]; then
+  bash "$HERE/scripts/install.sh" --board "$BOARD" --prefix "$PREFIX" --skip-venv --no-enable
+elif [ "$UNITS" -eq 1 ] && [ -d "$HERE/systemd" ]; then
+  for u in "$HERE"/systemd/*.service "$HERE"/systemd/*.socket; do
+    [ -f "$u" ] && install -m 0644 "$u" /etc/systemd/system/
+  done
+  say "installed the units of systemd/ (no scripts/install.sh in this bundle)"
 fi
+getent group edged >/dev/null || groupadd --system edged
+getent passwd edged >/dev/null || useradd --system --gid edged --home-dir "$STATE" --no-create-home --shell /usr/sbin/nologin edged
+
+# 3. models: staged next to the store, then one rename (the store's own rule), then verified.
 mkdir -p "$STATE/models"
 for src in "$HERE"/models/*/; do
   name=$(basename "$src")
@@ -83,23 +97,18 @@ for src in "$HERE"/models/*/; do
 done
 chown -R edged:edged "$STATE"
 
-# 3. systemd units, if the bundle has them.
-if [ "$UNITS" -eq 1 ] && [ -d "$HERE/systemd" ] && ls "$HERE"/systemd/* >/dev/null 2>&1; then
-  units=()
-  for u in "$HERE"/systemd/*; do
-    case "$u" in
-      *.service|*.socket|*.timer|*.path|*.target) install -m 0644 "$u" /etc/systemd/system/; units+=("$(basename "$u")") ;;
-      *.conf) mkdir -p /etc/edged; [ -e "/etc/edged/$(basename "$u")" ] || install -m 0644 "$u" /etc/edged/ ;;
-    esac
-  done
+# 4. start
+if [ "$UNITS" -eq 1 ] && [ -f /etc/systemd/system/edged.service ]; then
   systemctl daemon-reload
-  say "installed units: ${units[*]}"
-  if [ "$START" -eq 1 ] && [ ${#units[@]} -gt 0 ]; then
-    systemctl enable --now "${units[@]}"
+  if [ "$START" -eq 1 ]; then
+    systemctl enable --now edged.socket edged.service
+    say "enabled and started: systemctl status edged"
+  else
+    say "not started: systemctl enable --now edged.socket edged.service"
   fi
 fi
-if [ -d "$HERE/firmware-config" ]; then
-  say "firmware settings are in $PREFIX/firmware-config (apply them as its files describe; nothing was changed in /boot)"
+if [ -d "$HERE/firmware-config/$BOARD" ]; then
+  say "boot settings for $BOARD are in $PREFIX/firmware-config/$BOARD (see its README; nothing was changed in /boot)"
 fi
 first_model=$(find "$HERE/models" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort | head -1)
-say "done: try  EDGED_HOME=$STATE edged run $first_model 'What is the capital of France?'"
+say "done: try  sudo -u edged EDGED_HOME=$STATE edged run $first_model 'What is the capital of France?'"
