@@ -80,9 +80,11 @@ def test_twenty_concurrent_requesters_all_matched_none_duplicated(start_daemon, 
         t.start()
     for t in threads:
         t.join()
+    for dev in devices:
+        dev.wait_finals(per)
+    time.sleep(0.1)  # a moment for any duplicate to show up
     for k, dev in enumerate(devices):
-        finals = dev.wait_finals(per)
-        time.sleep(0) if k else time.sleep(0.1)  # a moment for any duplicate to show up
+        finals = dev.finals()
         corrs = sorted(c for c, _ in dev.finals())
         assert corrs == sorted(f"{k}-{j}".encode() for j in range(per)), corrs
         assert all("response" in f and f["id"] == c.decode() for c, f in finals)
