@@ -428,3 +428,20 @@ def test_request_arriving_during_shutdown_goes_to_the_next_run(start_daemon, bro
     finals = dict(dev.wait_finals(2))
     assert "response" in finals[b"A"] and "response" in finals[b"B"]
     assert d1.server.scheduler is None and d2.server.scheduler.completed == 1
+
+
+def test_shared_group_on_the_wildcard_request_topic(start_daemon, broker, device_factory, tmp_path):
+    a = start_daemon(broker=broker, mqtt__node="a", mqtt__shared_group="farm", queue_size=100)
+    b = start_daemon(broker=broker, mqtt__node="b", mqtt__shared_group="farm", queue_size=100,
+                     socket__path=str(tmp_path / "b.sock"))  # fmt: skip
+    mqtt_ready(a)
+    mqtt_ready(b)
+    time.sleep(0.1)  # let both SUBACKs land
+    dev = device_factory().connect()
+    n = 20
+    for i in range(n):  # any node's request topic: the group splits them
+        dev.request({**GEN, "options": {"num_predict": 2}}, corr=f"g{i}".encode(), topic=f"edged/{'ab'[i % 2]}/request")
+    dev.wait_finals(n)
+    time.sleep(0.1)
+    assert sorted(c for c, _ in dev.finals()) == sorted(f"g{i}".encode() for i in range(n))
+    assert a.server.scheduler.completed + b.server.scheduler.completed == n
