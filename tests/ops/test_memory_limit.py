@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import WAIT, NotifyListener, daemon_config, edged_exe
+from .conftest import WAIT, NotifyListener, daemon_config, edged_exe
 
 from edged.serve.client import SocketClient
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import WAIT, Daemon, NotifyListener, daemon_config, edged_exe
+from .conftest import WAIT, Daemon, NotifyListener, daemon_config, edged_exe
 
 from edged.ops import systemd as sd
 from edged.ops.systemd import Notifier, Progress, listen_fds, watchdog_interval

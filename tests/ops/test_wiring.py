@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import WAIT, daemon_config
+from .conftest import WAIT, daemon_config
 
 from edged.ops.systemd import Notifier
 from edged.ops.wiring import _JournalFields, attach
