@@ -190,10 +190,12 @@ if [ "$VERIFY" -eq 1 ]; then
     # packages, dpkg -x unpacks them, qemu-aarch64-static -L runs python from there.
     say "userland: Debian $DEBIAN_SUITE arm64 (debootstrap --download-only, dpkg -x)"
     rm -rf "$CACHE/rootfs-dl" "$ROOTFS.tmp"
-    debootstrap --arch=arm64 --variant=minbase --download-only \
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"  # debootstrap insists on root, even for --download-only
+    $SUDO debootstrap --arch=arm64 --variant=minbase --download-only \
       --include=python3.11-minimal,libpython3.11-stdlib,python3.11-venv,libstdc++6,libgomp1 \
       "$DEBIAN_SUITE" "$CACHE/rootfs-dl" "$DEBIAN_MIRROR" > "$CACHE/debootstrap.log" 2>&1 \
       || die "debootstrap failed: see $CACHE/debootstrap.log"
+    [ -z "$SUDO" ] || $SUDO chown -R "$(id -u):$(id -g)" "$CACHE/rootfs-dl"
     mkdir -p "$ROOTFS.tmp"
     for deb in "$CACHE"/rootfs-dl/var/cache/apt/archives/*.deb; do dpkg -x "$deb" "$ROOTFS.tmp"; done
     mv "$ROOTFS.tmp" "$ROOTFS"
