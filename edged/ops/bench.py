@@ -562,8 +562,10 @@ def run(args) -> dict:
     for rnd in range(rounds):
         for eng, (cmd, spec) in cmds.items():
             log(f"round {rnd + 1}/{rounds}: {eng}")
+            load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             r = run_driver(cmd, spec)
             r["round"] = rnd
+            r["loadavg_1m_before"] = load_before  # the machine is shared: how busy it was
             if "error" in r:
                 log(f"{eng} failed: {r['error'][-300:]}")
             runs[eng].append(r)
