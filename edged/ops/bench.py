@@ -135,6 +135,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             s["prompts"][n] = {m: median(p.get(m) for p in per) for m in METRICS}
             s["prompts"][n]["prompt_tokens"] = per[0].get("prompt_tokens")
             s["prompts"][n]["gen_tokens"] = median(p.get("gen_tokens") for p in per)
+            best = [p.get("decode_tps") for p in per if p.get("decode_tps") == p.get("decode_tps")]
+            s["prompts"][n]["decode_tps_best"] = max(best) if best else None  # least-contended round
         s["cold_start_s"] = median(r.get("cold_start_s") for r in ok)
         s["peak_rss_mb"] = median((r.get("peak_rss_bytes") or 0) / 1e6 for r in ok)
         s["rss_loaded_mb"] = median((r.get("rss_loaded_bytes") or 0) / 1e6 for r in ok)
@@ -237,6 +239,15 @@ def markdown_report(results: dict) -> str:
         cells += [_fmt(e.get("cold_start_s"), 2), _fmt(e.get("peak_rss_mb"), 0),
                   _fmt((conc.get("1") or {}).get("aggregate_tps"), 1), _fmt((conc.get("4") or {}).get("aggregate_tps"), 1)]
         lines.append(f"| {LABELS[eng]} | " + " | ".join(cells) + " |")
+    best = []
+    for eng in ENGINES:
+        e = s.get(eng)
+        if e:
+            vals = "/".join(_fmt(e["prompts"].get(n, {}).get("decode_tps_best"), 1) for n in names)
+            best.append(f"{LABELS[eng]} {vals}")
+    if best:
+        lines += ["", "Fastest round's decode tok/s (" + "/".join(f"{pt.get(n, n)}" for n in names)
+                  + "-token prompts; the least contended run on this shared machine): " + "; ".join(best) + "."]
     r = results.get("ratios", {})
     bw = results.get("bandwidth", {})
     lines += [
@@ -646,9 +657,33 @@ def write_outputs(results: dict, out: Path, docs: Path | None, cache: Path) -> N
         log("no plot: matplotlib's venv (.cache/bench/venv-ortgenai) is not set up")
 
 
+def recompute(results: dict) -> dict:
+    """Summary, ratios and bandwidth fractions again from the raw runs (--report-only)."""
+    runs = results.get("runs", {})
+    pt = results.get("config", {}).get("prompt_tokens", {})
+    results["summary"] = summary = summarize(runs)
+    results["ratios"] = ratios(runs, list(pt) or ["short", "long"], pt)
+    bw = results.get("bandwidth", {})
+    results["bandwidth_fraction"] = {
+        eng: bandwidth_fraction(s.get("weight_bytes_per_token"), (s["prompts"].get("long") or {}).get("decode_tps"),
+                                bw.get("best_gbps")) for eng, s in summary.items()}
+    for k in ("decode_ratio_vs_llamacpp_q8_0", "decode_ratio_vs_ortgenai_int8", "ttft_ratio_vs_llamacpp",
+              "rss_ratio_vs_llamacpp"):
+        results[k] = results["ratios"].get(k)
+    results["cold_start_s"] = {e: s.get("cold_start_s") for e, s in summary.items()}
+    return results
+
+
 def main(args) -> int:
     from edged.models.store import ModelStore
 
+    if getattr(args, "report_only", False):
+        out = Path(args.out)
+        out = out if out.is_absolute() else REPO / out
+        results = recompute(json.loads(out.read_text()))
+        write_outputs(results, out, REPO / "docs", cache_dir())
+        print(f"rewrote {out} and docs/benchmarks.md from its runs")
+        return 0
     results = run(args)
     if getattr(args, "transport", False) or os.environ.get("EDGED_BENCH_TRANSPORT") == "1":
         store = ModelStore(Path(args.store)) if getattr(args, "store", None) else ModelStore()
@@ -684,6 +719,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-gen", type=int, default=128)
     p.add_argument("--no-docs", action="store_true", help="write only the JSON (no docs/benchmarks.md, no plot)")
     p.add_argument("--anchors", default="llamacpp,ortgenai", help="comma-separated anchors to run")
+    p.add_argument("--report-only", action="store_true", help="rebuild summary, docs and plot from --out's runs")
     return p
 
 

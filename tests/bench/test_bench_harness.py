@@ -126,3 +126,12 @@ def test_transport_hook_calls_the_serve_function(monkeypatch):
     assert calls == [("STORE", "m", 2)]
     md = bench.markdown_report(results)
     assert "| socket | 0.50 | 1.00 | 3.00 |" in md and "overhead_p50_le_2ms: True" in md
+
+
+def test_recompute_from_runs_matches():
+    runs = {"edged": [_run(60, 0.2, 3e8, 1.5), _run(30, 0.2, 3e8, 1.5)], "llamacpp": [_run(66, 0.14, 2.2e8, 1.0)] * 2}
+    res = {"config": {"prompt_tokens": {"short": 40, "long": 400}}, "runs": runs, "bandwidth": {"best_gbps": 10.0}}
+    out = bench.recompute(res)
+    assert out["summary"]["edged"]["prompts"]["short"]["decode_tps_best"] == 60
+    assert out["decode_ratio_vs_llamacpp_q8_0"] == out["ratios"]["decode_ratio_vs_llamacpp_q8_0"]
+    assert out["bandwidth_fraction"]["edged"] == pytest.approx(150e6 * 45 * 0.9 / 10e9)
