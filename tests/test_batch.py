@@ -17,7 +17,7 @@ def alone(engine, prompt, n):
 def test_batched_greedy_matches_single_stream_with_joins_and_leaves(tiny_engine):
     lengths = [12, 5, 20, 9, 15]
     expected = [alone(tiny_engine, p, n) for p, n in zip(PROMPTS, lengths)]
-    batch = BatchDecoder(tiny_engine, slots=3, capacity=128)
+    batch = BatchDecoder(tiny_engine, slots=3, capacity=128, initial=4)  # grows during the run
     results: dict[int, dict] = {}
     texts = {i: [] for i in range(len(PROMPTS))}
     pending = list(range(len(PROMPTS)))
@@ -48,3 +48,16 @@ def test_cancel_one_slot_leaves_the_others(tiny_engine):
         batch.step()
     assert done[0]["done_reason"] == "cancel" and done[0]["eval_count"] < 30
     assert done[1]["eval_count"] == alone(tiny_engine, PROMPTS[1], 30)[1]["eval_count"]
+
+
+def test_growing_sequence_cache_keeps_its_contents(tiny_engine):
+    import numpy as np
+
+    runner = tiny_engine.runner
+    small, big = runner.sequence(3, 64), runner.sequence(64)
+    prompt = [5, 9, 14, 20, 33]
+    a, b = small.forward(prompt).copy(), big.forward(prompt).copy()
+    for t in [7, 8, 9, 10, 11, 12, 13]:
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        a, b = small.forward([t]).copy(), big.forward([t]).copy()
+    assert small.capacity < 64 and small.capacity >= small.length

@@ -12,8 +12,8 @@ runs every slot: rows are right-padded through attention_mask, whose per-row sum
 gives GroupQueryAttention each row's own length. A free slot is fed a dummy token
 at position 0 of its own row, which the next prefill overwrites.
 
-Buffers come from np.zeros (calloc): positions never written are never resident,
-so a large capacity costs address space, not memory.
+The cache starts small and doubles when a row needs more room (rows are copied
+and the bindings renewed between steps), up to the model's context length.
 """
 
 from __future__ import annotations
@@ -45,32 +45,50 @@ class Slot:
 
 
 class BatchDecoder:
-    def __init__(self, engine: Engine, *, slots: int = 4, capacity: int | None = None):
+    def __init__(self, engine: Engine, *, slots: int = 4, capacity: int | None = None, initial: int = 256):
         self.engine = engine
         self.slots = slots
-        self.capacity = capacity or engine.context_length
+        self.max_capacity = capacity or engine.context_length
         info = engine.info
         sess = engine.runner.session
-        shape = (slots, info.num_kv_heads, self.capacity, info.head_dim)
-        self._kv = [np.zeros(shape, np.float32) for _ in range(2 * info.num_layers)]
         self._logits = np.zeros((slots, 1, info.vocab_size), np.float32)
         self._row_logits = [np.zeros((1, 1, info.vocab_size), np.float32) for _ in range(slots)]
         self._io = sess.io_binding()
         self._row_io = [sess.io_binding() for _ in range(slots)]
+        self._io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        for b in range(slots):
+            self._row_io[b].bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._row_logits[b]))
+        self._kv: list[np.ndarray] = []
+        self.active: dict[int, Slot] = {}
+        self.capacity = 0
+        self._allocate(min(initial, self.max_capacity))
+
+    def _allocate(self, capacity: int) -> None:
+        """(Re)allocate the shared cache with `capacity` positions per row, keeping
+        what the active rows hold. It starts small and doubles on demand: onnxruntime's
+        attention scratch grows with the bound cache length (see runner.Sequence)."""
+        info = self.engine.info
+        keep = max((s.length for s in self.active.values()), default=0)
+        old = self._kv
+        shape = (self.slots, info.num_kv_heads, capacity, info.head_dim)
+        self._kv = [np.zeros(shape, np.float32) for _ in range(2 * info.num_layers)]
+        for new, prev in zip(self._kv, old):
+            new[:, :, :keep] = prev[:, :, :keep]
         for i in range(info.num_layers):
             for j, kind in enumerate(("key", "value")):
                 buf = self._kv[2 * i + j]
                 whole = ort.OrtValue.ortvalue_from_numpy(buf)
                 self._io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", whole)
                 self._io.bind_ortvalue_output(f"present.{i}.{kind}", whole)
-                for b in range(slots):
+                for b in range(self.slots):
                     row = ort.OrtValue.ortvalue_from_numpy(buf[b : b + 1])
                     self._row_io[b].bind_ortvalue_input(f"past_key_values.{i}.{kind}", row)
                     self._row_io[b].bind_ortvalue_output(f"present.{i}.{kind}", row)
-        self._io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
-        for b in range(slots):
-            self._row_io[b].bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._row_logits[b]))
-        self.active: dict[int, Slot] = {}
+        self.capacity = capacity
+
+    def _ensure(self, needed: int) -> None:
+        if needed > self.capacity:
+            self._allocate(min(max(needed, 2 * self.capacity), self.max_capacity))
 
     @property
     def free(self) -> int:
@@ -85,17 +103,18 @@ class BatchDecoder:
         on_done: Callable[[dict], None],
     ) -> int:
         """Prefill a request into a free slot (runs the prompt now)."""
-        if prepared.capacity > self.capacity:
+        if prepared.capacity > self.max_capacity:
             raise ContextOverflow(
-                f"request needs {prepared.capacity} tokens of context; batched slots hold {self.capacity}"
+                f"request needs {prepared.capacity} tokens of context; batched slots hold {self.max_capacity}"
             )
         b = next(i for i in range(self.slots) if i not in self.active)
         eng = self.engine
         t0 = time.perf_counter_ns()
+        n = len(prepared.tokens)
+        self._ensure(n + 1)
         with eng.lock:
             load_ns, eng._unreported_load = eng._unreported_load, 0
             io = self._row_io[b]
-            n = len(prepared.tokens)
             io.bind_cpu_input("input_ids", np.asarray([prepared.tokens], dtype=np.int64))
             io.bind_cpu_input("attention_mask", np.ones((1, n), dtype=np.int64))
             eng.runner.session.run_with_iobinding(io)
@@ -130,6 +149,7 @@ class BatchDecoder:
             return 0
         eng = self.engine
         total = max(s.length for s in self.active.values()) + 1
+        self._ensure(total)
         ids = np.zeros((self.slots, 1), dtype=np.int64)
         mask = np.zeros((self.slots, total), dtype=np.int64)
         mask[:, 0] = 1  # free rows: a dummy token at position 0 of their own row

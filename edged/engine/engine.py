@@ -32,11 +32,15 @@ from edged.errors import ContextOverflow, ModelCorrupt, RequestError
 from edged.models.store import Model, ModelStore
 
 
+# KV slots reserved beyond the prompt at first; the cache grows by doubling.
+INITIAL_ROOM = 256
+
+
 @dataclass(frozen=True)
 class Prepared:
     tokens: list[int]
     options: Options
-    capacity: int  # KV slots this request needs
+    capacity: int  # KV slots this request may need at most
     max_new: int
     truncated: int  # prompt tokens dropped to fit
 
@@ -218,7 +222,7 @@ class Generation:
             load_ns, eng._unreported_load = eng._unreported_load, 0
             dec = Decoder(eng, p, self.cancel)
             self.tokens = dec.tokens
-            seq = eng.runner.sequence(p.capacity)
+            seq = eng.runner.sequence(min(p.capacity, len(p.tokens) + INITIAL_ROOM), p.capacity)
             t0 = time.perf_counter_ns()
             logits = seq.forward(p.tokens)
             t1 = time.perf_counter_ns()

@@ -86,6 +86,7 @@ class Config:
     threads: int | None = None  # None = physical cores
     keep_alive: float = 300.0  # seconds idle before the model is unloaded; -1 = never, 0 = after each request
     queue_size: int = 16  # waiting requests (not counting the one running)
+    batch_size: int = 4  # requests decoded together (continuous batching); 1 = one at a time
     max_prompt_chars: int = 32_000
     default_timeout: float | None = None  # seconds; a request's deadline unless it sets its own
     shutdown_grace: float = 10.0  # seconds in-flight work may finish after SIGTERM
@@ -274,6 +275,8 @@ def _check_values(cfg: Config, where: str) -> None:
         bad("threads", "must be >= 1")
     if cfg.queue_size < 0:
         bad("queue_size", "must be >= 0")
+    if cfg.batch_size < 1:
+        bad("batch_size", "must be >= 1")
     if cfg.keep_alive < 0 and cfg.keep_alive != -1:
         bad("keep_alive", "must be >= 0 or -1 (never unload)")
     if cfg.shutdown_grace < 0:

@@ -67,8 +67,13 @@ class Scheduler:
         keep_alive: float = 300.0,
         retry_after_ms: int = 1000,
         engine: Any = None,
+        batch_size: int = 1,
     ):
         self.loader = loader  # () -> Engine; called again after an idle unload
+        # >1: up to batch_size requests decode together (engine/batch.py); 1: one at a time
+        self.batch_size = batch_size
+        self._batch = None  # BatchDecoder bound to the current engine
+        self.active: list[Job] = []  # running jobs, oldest first (batched mode)
         self.queue_size = queue_size
         self.keep_alive = keep_alive
         self.retry_after_ms = retry_after_ms
@@ -108,8 +113,9 @@ class Scheduler:
             leftovers = [j for _, _, j in self._heap]
             self._heap.clear()
             self._stopping = True
-            if self.running is not None:
-                self.running.cancel.set()
+            for job in [self.running, *self.active]:
+                if job is not None:
+                    job.cancel.set()
             self._cv.notify_all()
         for job in leftovers:
             self._forget(job)
@@ -216,9 +222,12 @@ class Scheduler:
     def _unload(self) -> None:
         log.info("model %s idle for %.0fs: unloaded (reloads on the next request)", self.model_name, self.keep_alive)
         self.engine = None
+        self._batch = None  # its buffers and bindings hold the session too
         gc.collect()
 
     def _run(self) -> None:
+        if self.batch_size > 1:
+            return self._run_batched()
         while True:
             job = self._next()
             if job is None:
@@ -267,3 +276,99 @@ class Scheduler:
         self.recent.append((s["eval_count"], s["eval_duration"], s["total_duration"]))
         self.completed += 1
         job.finish(protocol.final_frame(job.id, model=engine.model.name, text=gen.text, stats=s, chat=f.op == "chat"))
+
+    # -- the batched worker ---------------------------------------------------------
+    # Decoding is memory-bound, so one run that advances every active request by a
+    # token costs little more than a run for one. New requests are prefilled into
+    # free slots between steps (continuous batching, as llama.cpp's server does).
+    def _run_batched(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self.active and not self._stopping:
+                    timeout = None
+                    if self.engine is not None and self.keep_alive >= 0:
+                        timeout = max(0.0, self._last_used + self.keep_alive - time.monotonic())
+                        if timeout == 0.0:
+                            self._unload()
+                            continue
+                    self._cv.wait(timeout=timeout)
+                if self._stopping and not self.active:
+                    return
+                admit = []
+                while self._heap and not self._stopping and len(self.active) + len(admit) < self.batch_size:
+                    _, _, job = heapq.heappop(self._heap)
+                    job.state = "running"
+                    admit.append(job)
+                self.active.extend(admit)
+                self.running = self.active[0] if self.active else None
+            for job in admit:
+                try:
+                    self._start_batched(job)
+                except EdgedError as e:
+                    self._end_batched(job, protocol.error_frame(job.id, e))
+                except Exception as e:
+                    log.exception("request %r failed", job.id)
+                    self._end_batched(job, protocol.error_frame(job.id, e))
+            batch = self._batch
+            if batch is not None and batch.active:
+                try:
+                    batch.step()
+                except Exception as e:  # the session failed: every request in the batch gets an error
+                    log.exception("batched step failed")
+                    for job in list(self.active):
+                        self._end_batched(job, protocol.error_frame(job.id, e))
+                    self._batch = None
+
+    def _start_batched(self, job: Job) -> None:
+        from edged.engine.batch import BatchDecoder
+
+        if job.cancel.is_set():
+            raise Cancelled("cancelled before it started")
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            raise DeadlineExceeded("the request expired while it waited in the queue; it was not run")
+        if self.engine is None:
+            log.info("loading model %s", self.model_name or "")
+            self.engine = self.loader()
+            self.model_name = self.engine.model.name
+        engine = self.engine
+        if self._batch is None or self._batch.engine is not engine:
+            self._batch = BatchDecoder(engine, slots=self.batch_size)
+        f = job.frame
+        t_start = time.monotonic()
+        prepared = engine.prepare(f.gen)  # template + tokenize + context check
+        prepare_ns = int((time.monotonic() - t_start) * 1e9)
+        parts: list[str] = []
+        job._tokens = 0
+
+        def on_delta(delta: str) -> None:
+            job._tokens += 1
+            parts.append(delta)
+            if f.stream:
+                job.emit(protocol.delta_frame(job.id, delta, job._tokens), False)
+            # Same contract as one-at-a-time: per delta of each job. Pacing measures the time
+            # since its last call, so only the first job of a step sleeps.
+            for hook in self.token_hooks:
+                hook(job, job._tokens)
+
+        def on_done(stats: dict) -> None:
+            s = dict(stats)
+            s["total_duration"] += prepare_ns
+            s["queue_duration"] = int((t_start - job.enqueued) * 1e9)
+            self.recent.append((s["eval_count"], s["eval_duration"], s["total_duration"]))
+            self.completed += 1
+            final = protocol.final_frame(job.id, model=engine.model.name, text="".join(parts), stats=s, chat=f.op == "chat")
+            self._end_batched(job, final)
+
+        self._batch.add(prepared, cancel=job.cancel, on_delta=on_delta, on_done=on_done)
+
+    def _end_batched(self, job: Job, frame: dict) -> None:
+        job.finish(frame)
+        self._forget(job)
+        with self._cv:
+            if job in self.active:
+                self.active.remove(job)
+            self.running = self.active[0] if self.active else None
+            self._last_used = time.monotonic()
+            if self.keep_alive == 0 and self.engine is not None and not self._heap and not self.active:
+                self._unload()
+            self._cv.notify_all()

@@ -81,6 +81,7 @@ class Server:
             keep_alive=cfg.keep_alive,
             retry_after_ms=cfg.retry_after_ms,
             engine=engine,
+            batch_size=cfg.batch_size,
         )
         self._engine = None  # the scheduler owns it now (and may unload it)
         self.scheduler.start()
