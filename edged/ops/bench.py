@@ -248,6 +248,13 @@ def markdown_report(results: dict) -> str:
     if best:
         lines += ["", "Fastest round's decode tok/s (" + "/".join(f"{pt.get(n, n)}" for n in names)
                   + "-token prompts; the least contended run on this shared machine): " + "; ".join(best) + "."]
+    loads = [x.get("loadavg_1m_before") for rs in (results.get("runs") or {}).values() for x in rs]
+    ml = median(loads)
+    if ml is not None:
+        lines += ["", f"Machine load (1-minute load average before each run): median {ml:.1f} on "
+                      f"{m.get('cores', '?')} cores. Above the core count, other work competes with the "
+                      "benchmark; llama.cpp's OpenMP threads wait for each other at every op, so it suffers most "
+                      "when a core is taken (compare its fastest round)."]
     r = results.get("ratios", {})
     bw = results.get("bandwidth", {})
     lines += [
