@@ -415,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--no-anchors", action="store_true", help="measure edged only")
     b.add_argument("--out", default="bench/results.json")
+    b.add_argument("--transport", action="store_true", help="also measure socket and MQTT overhead")
     b.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="run the daemon (Unix socket + MQTT)")

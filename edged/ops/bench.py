@@ -299,9 +299,9 @@ def markdown_report(results: dict) -> str:
             lines.append("Goals: " + ", ".join(f"{k}: {v}" for k, v in t["goals"].items()))
     if results.get("missing"):
         lines += ["", "Not measured in this run:", ""] + [f"- {x}" for x in results["missing"]]
-    lines += ["", "Concurrency: edged's engine serialises generations today (one lock per engine), so 4 clients "
-                  "show the same aggregate as 1; the column is there so a batching engine shows its gain. "
-                  "llama.cpp (one context) is serialised too; onnxruntime-genai runs one generator per client.",
+    lines += ["", "Concurrency: edged decodes concurrent requests together (continuous batching, the daemon's "
+                  "BatchDecoder); llama.cpp (one context) runs them one after another; onnxruntime-genai runs one "
+                  "generator per client.",
               "", "![tokens/s vs prompt length and clients](bench-tokens.png)", "",
               "## How it is measured", "",
               "- `make bench` = `edged pull` + `edged bench --model smollm2-135m` (`--rounds N`, `--threads N`, "
