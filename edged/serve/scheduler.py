@@ -205,19 +205,35 @@ class Scheduler:
     def _next(self) -> Job | None:
         with self._cv:
             while not self._heap and not self._stopping:
-                timeout = None
-                if self.engine is not None and self.keep_alive >= 0:
-                    timeout = max(0.0, self._last_used + self.keep_alive - time.monotonic())
-                    if timeout == 0.0:
-                        self._unload()
-                        continue
-                self._cv.wait(timeout=timeout)
+                self._idle_wait()
             if self._stopping:
                 return None
             _, _, job = heapq.heappop(self._heap)
             self.running = job
             job.state = "running"
             return job
+
+    def _idle_wait(self) -> None:
+        """Wait for work (self._cv held); unload the model once it has been idle for keep_alive."""
+        timeout = None
+        if self.engine is not None and self.keep_alive >= 0:
+            timeout = max(0.0, self._last_used + self.keep_alive - time.monotonic())
+            if timeout == 0.0:
+                self._unload()
+                return
+        self._cv.wait(timeout=timeout)
+
+    def _ready_engine(self, job: Job):
+        """Last checks before a job runs, and the engine it runs on (reloaded after an idle unload)."""
+        if job.cancel.is_set():
+            raise Cancelled("cancelled before it started")
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            raise DeadlineExceeded("the request expired while it waited in the queue; it was not run")
+        if self.engine is None:
+            log.info("loading model %s", self.model_name or "")
+            self.engine = self.loader()
+            self.model_name = self.engine.model.name
+        return self.engine
 
     def _unload(self) -> None:
         log.info("model %s idle for %.0fs: unloaded (reloads on the next request)", self.model_name, self.keep_alive)
@@ -249,15 +265,7 @@ class Scheduler:
                     self._cv.notify_all()
 
     def _execute(self, job: Job) -> None:
-        if job.cancel.is_set():
-            raise Cancelled("cancelled before it started")
-        if job.deadline is not None and time.monotonic() >= job.deadline:
-            raise DeadlineExceeded("the request expired while it waited in the queue; it was not run")
-        if self.engine is None:
-            log.info("loading model %s", self.model_name or "")
-            self.engine = self.loader()
-            self.model_name = self.engine.model.name
-        engine = self.engine
+        engine = self._ready_engine(job)
         f = job.frame
         t_start = time.monotonic()
         gen = engine.generate(f.gen, cancel=job.cancel)  # template + tokenize + context check
@@ -269,13 +277,16 @@ class Scheduler:
                 job.emit(protocol.delta_frame(job.id, delta, n), False)
             for hook in self.token_hooks:
                 hook(job, n)
+        job.finish(self._final_frame(job, engine, gen.text, gen.stats, prepare_ns, t_start))
+
+    def _final_frame(self, job: Job, engine, text: str, stats: dict, prepare_ns: int, t_start: float) -> dict:
         # Like Ollama, total_duration covers templating and tokenization too; queue_duration is our addition.
-        s = dict(gen.stats)
+        s = dict(stats)
         s["total_duration"] += prepare_ns
         s["queue_duration"] = int((t_start - job.enqueued) * 1e9)
         self.recent.append((s["eval_count"], s["eval_duration"], s["total_duration"]))
         self.completed += 1
-        job.finish(protocol.final_frame(job.id, model=engine.model.name, text=gen.text, stats=s, chat=f.op == "chat"))
+        return protocol.final_frame(job.id, model=engine.model.name, text=text, stats=s, chat=job.frame.op == "chat")
 
     # -- the batched worker ---------------------------------------------------------
     # Decoding is memory-bound, so one run that advances every active request by a
@@ -285,13 +296,7 @@ class Scheduler:
         while True:
             with self._cv:
                 while not self._heap and not self.active and not self._stopping:
-                    timeout = None
-                    if self.engine is not None and self.keep_alive >= 0:
-                        timeout = max(0.0, self._last_used + self.keep_alive - time.monotonic())
-                        if timeout == 0.0:
-                            self._unload()
-                            continue
-                    self._cv.wait(timeout=timeout)
+                    self._idle_wait()
                 if self._stopping and not self.active:
                     return
                 admit = []
@@ -322,15 +327,7 @@ class Scheduler:
     def _start_batched(self, job: Job) -> None:
         from edged.engine.batch import BatchDecoder
 
-        if job.cancel.is_set():
-            raise Cancelled("cancelled before it started")
-        if job.deadline is not None and time.monotonic() >= job.deadline:
-            raise DeadlineExceeded("the request expired while it waited in the queue; it was not run")
-        if self.engine is None:
-            log.info("loading model %s", self.model_name or "")
-            self.engine = self.loader()
-            self.model_name = self.engine.model.name
-        engine = self.engine
+        engine = self._ready_engine(job)
         if self._batch is None or self._batch.engine is not engine:
             self._batch = BatchDecoder(engine, slots=self.batch_size)
         f = job.frame
@@ -351,13 +348,7 @@ class Scheduler:
                 hook(job, job._tokens)
 
         def on_done(stats: dict) -> None:
-            s = dict(stats)
-            s["total_duration"] += prepare_ns
-            s["queue_duration"] = int((t_start - job.enqueued) * 1e9)
-            self.recent.append((s["eval_count"], s["eval_duration"], s["total_duration"]))
-            self.completed += 1
-            final = protocol.final_frame(job.id, model=engine.model.name, text="".join(parts), stats=s, chat=f.op == "chat")
-            self._end_batched(job, final)
+            self._end_batched(job, self._final_frame(job, engine, "".join(parts), stats, prepare_ns, t_start))
 
         self._batch.add(prepared, cancel=job.cancel, on_delta=on_delta, on_done=on_done)
 
