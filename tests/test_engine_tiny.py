@@ -84,3 +84,15 @@ def test_chat_messages_use_the_models_template(tiny_engine):
     assert tiny_engine.render(req) == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     raw = GenerateRequest.from_dict({"prompt": "plain", "raw": True})
     assert tiny_engine.render(raw) == "plain"
+
+
+def test_an_idle_engine_burns_no_cpu(tiny_engine):
+    """Bounded spinning (the default) stops right after a run: nothing spins between requests."""
+    import os
+    import time
+
+    gen(tiny_engine, temperature=0, num_predict=8)
+    t0 = os.times()
+    time.sleep(1.0)
+    t1 = os.times()
+    assert (t1.user + t1.system) - (t0.user + t0.system) < 0.1

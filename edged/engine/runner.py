@@ -41,8 +41,11 @@ class EngineConfig:
     """onnxruntime settings. Every field is documented in docs/engine.md."""
 
     threads: int | None = None  # intra-op threads; None = physical cores
-    spinning: bool = False  # busy-wait between ops: faster per token, burns cores while it spins
-    spin_duration_us: int | None = None  # with spinning: stop spinning after this long idle (bounded burn)
+    spinning: bool = False  # onnxruntime's own, unbounded busy-waiting: off (it burns cores between requests)
+    # With spinning off, pool threads still busy-wait this long for the next op of the same
+    # run before they sleep (0: sleep at once). Measured on SmolLM2, 2 threads: 200 us gives
+    # +20-25 % decode tok/s at the same CPU time per token and no CPU use while idle.
+    spin_duration_us: int = 200
     graph_optimization: str = "all"  # disabled | basic | extended | all
     memory_arena: bool = True  # onnxruntime's CPU arena: fewer mallocs, more resident memory
     verify: str = "fast"  # fast (size+mtime cache, then sha256 on change) | full | none
@@ -52,6 +55,8 @@ class EngineConfig:
             raise ValueError(f"graph_optimization must be one of {', '.join(_OPT_LEVELS)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be >= 1")
+        if self.spin_duration_us < 0:
+            raise ValueError("spin_duration_us must be >= 0")
         if self.verify not in ("fast", "full", "none"):
             raise ValueError("verify must be fast, full or none")
 
@@ -67,10 +72,11 @@ class EngineConfig:
         so.graph_optimization_level = _OPT_LEVELS[self.graph_optimization]
         so.enable_cpu_mem_arena = self.memory_arena
         so.log_severity_level = 3
-        spin = "1" if self.spinning else "0"
+        bounded = not self.spinning and self.spin_duration_us > 0
+        spin = "1" if self.spinning or bounded else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        if self.spinning and self.spin_duration_us is not None:
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")  # one inter-op thread: nothing to wait for
+        if bounded:
             so.add_session_config_entry("session.intra_op.spin_duration_us", str(self.spin_duration_us))
         return so
 

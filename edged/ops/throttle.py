@@ -25,6 +25,7 @@ the SmolLM2 int8 model (onnxruntime 1.32, see docs/operations.md):
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -111,8 +112,7 @@ class ThrottledRunner(Runner):
         return super().sequence(capacity, max_capacity)
 
     def _rebuild(self, n: int) -> None:
-        cfg = EngineConfig(threads=n, spinning=self.config.spinning, graph_optimization=self.config.graph_optimization,
-                           memory_arena=self.config.memory_arena, verify=self.config.verify)
+        cfg = dataclasses.replace(self.config, threads=n)
         self.session = None  # drop the old copy first: never two in memory
         gc.collect()
         self.session = ort.InferenceSession(self.model_path, cfg.session_options(), providers=["CPUExecutionProvider"])

@@ -34,6 +34,17 @@ def default_socket_path() -> str:
 
 
 @dataclass(kw_only=True)
+class EngineSection:
+    """onnxruntime settings (edged.engine.runner.EngineConfig; docs/engine.md)."""
+
+    spinning: bool = False  # onnxruntime's unbounded busy-waiting: off, it keeps cores busy between requests
+    spin_duration_us: int = 200  # bounded busy-wait between ops of one run; 0 = sleep at once
+    graph_optimization: str = "all"  # disabled | basic | extended | all
+    memory_arena: bool = True
+    verify: str = "fast"  # model file check on load: fast | full | none
+
+
+@dataclass(kw_only=True)
 class SocketConfig:
     enabled: bool = True
     path: str | None = None  # None = default_socket_path()
@@ -95,6 +106,7 @@ class Config:
     socket: SocketConfig = field(default_factory=SocketConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)  # thermal/memory governor (edged/ops)
+    engine: EngineSection = field(default_factory=EngineSection)
     source: str | None = None  # the file this came from (for SIGHUP reload and messages)
 
     def __post_init__(self):
@@ -270,6 +282,13 @@ def _describe(hint) -> str:
 def _check_values(cfg: Config, where: str) -> None:
     def bad(key, msg):
         raise ConfigError(f"{where}: {key!r} {msg}", key=key, file=where)
+
+    if cfg.engine.graph_optimization not in ("disabled", "basic", "extended", "all"):
+        bad("engine.graph_optimization", "must be one of disabled, basic, extended, all")
+    if cfg.engine.verify not in ("fast", "full", "none"):
+        bad("engine.verify", "must be one of fast, full, none")
+    if cfg.engine.spin_duration_us < 0:
+        bad("engine.spin_duration_us", "must be >= 0")
 
     if cfg.threads is not None and cfg.threads < 1:
         bad("threads", "must be >= 1")

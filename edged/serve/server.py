@@ -15,6 +15,7 @@ Seams for the edge-operations work (governor, sd_notify):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -174,7 +175,8 @@ class Server:
             from pathlib import Path
 
             store = ModelStore(Path(self.config.models_dir)) if self.config.models_dir else ModelStore()
-        return Engine.load(self.config.model, config=EngineConfig(threads=self.config.threads), store=store)
+        engine_cfg = EngineConfig(threads=self.config.threads, **dataclasses.asdict(self.config.engine))
+        return Engine.load(self.config.model, config=engine_cfg, store=store)
 
     # -- requests (called by transports, from any thread) -----------------------
     def handle(self, frame: Frame, emit: Emit, *, scope: str, deadline: float | None = None) -> None:
