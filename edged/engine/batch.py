@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -41,7 +41,6 @@ class Slot:
     t_prompt: int = 0
     t_eval_start: int = 0
     load_ns: int = 0
-    text: list[str] = field(default_factory=list)
 
 
 class BatchDecoder:
@@ -127,7 +126,6 @@ class BatchDecoder:
     def _consume(self, b: int, slot: Slot, logits: np.ndarray) -> None:
         delta, tok = slot.decoder.advance(logits)
         if delta:
-            slot.text.append(delta)
             slot.on_delta(delta)
         if tok is None:
             del self.active[b]

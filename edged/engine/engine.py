@@ -77,11 +77,10 @@ class Engine:
         t0 = time.perf_counter_ns()
         p = Path(name_or_path)
         if p.is_dir() and (p / "edged-model.json").is_file():
-            model = ModelStore(p.parent).get(p.name)
-            store = ModelStore(p.parent)
+            store, name = ModelStore(p.parent), p.name
         else:
-            store = store or ModelStore()
-            model = store.get(str(name_or_path))
+            store, name = store or ModelStore(), str(name_or_path)
+        model = store.get(name)
         store.verify(model, mode=config.verify)
         try:
             return cls(model, config, load_ns=time.perf_counter_ns() - t0)

@@ -59,6 +59,15 @@ def measure_stream(start_fn, n_prompt: int) -> dict:
     }
 
 
+def measure_prompts(stream, spec: dict) -> dict:
+    """Warm up, then measure every prompt of the spec. stream(ids, n) returns a start
+    function for measure_stream (ids: the prompt's token ids, n: tokens to generate)."""
+    if spec.get("warmup", True):
+        for _ in stream(spec["prompts"][0]["ids"], 8)():
+            pass
+    return {p["name"]: measure_stream(stream(p["ids"], spec["n_gen"]), len(p["ids"])) for p in spec["prompts"]}
+
+
 def concurrency(run_one, clients: int, lock: threading.Lock | None = None, mode: str | None = None) -> dict:
     """`clients` threads each run one generation (run_one() -> tokens generated);
     aggregate tokens/s = all tokens / wall time. `lock` serialises engines whose

@@ -40,7 +40,7 @@ def version() -> dict:
 
 
 def main() -> None:
-    from _driver_common import concurrency, emit, load_spec, measure_stream, peak_rss_bytes, rss_now_bytes
+    from _driver_common import concurrency, emit, load_spec, measure_prompts, peak_rss_bytes, rss_now_bytes
 
     spec = load_spec()
     import llama_cpp
@@ -63,12 +63,7 @@ def main() -> None:
                     break
         return start
 
-    if spec.get("warmup", True):
-        for _ in stream(spec["prompts"][0]["ids"], 8)():
-            pass
-    results = {}
-    for p in spec["prompts"]:
-        results[p["name"]] = measure_stream(stream(p["ids"], spec["n_gen"]), len(p["ids"]))
+    results = measure_prompts(stream, spec)
     conc = []
     lock = threading.Lock()  # one llama context: not thread-safe
     for c in spec.get("concurrency", []):

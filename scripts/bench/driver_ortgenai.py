@@ -29,7 +29,7 @@ def version() -> dict:
 
 
 def main() -> None:
-    from _driver_common import (concurrency, emit, load_spec, measure_stream, onnx_matmul_weight_bytes,
+    from _driver_common import (concurrency, emit, load_spec, measure_prompts, onnx_matmul_weight_bytes,
                                 peak_rss_bytes, rss_now_bytes)
 
     spec = load_spec()
@@ -56,12 +56,7 @@ def main() -> None:
                 yield k
         return start
 
-    if spec.get("warmup", True):
-        for _ in stream(spec["prompts"][0]["ids"], 8)():
-            pass
-    results = {}
-    for p in spec["prompts"]:
-        results[p["name"]] = measure_stream(stream(p["ids"], spec["n_gen"]), len(p["ids"]))
+    results = measure_prompts(stream, spec)
     conc = []
     for c in spec.get("concurrency", []):
         def one():
