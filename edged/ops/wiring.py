@@ -61,7 +61,13 @@ class Ops:
             if self.governor is not None and size:
                 self.governor.update()
                 self.governor.check_load(int(size))  # InsufficientMemory -> error frame, no OOM
-            return self.prepare_engine(orig())
+            engine = self.prepare_engine(orig())
+            if self.governor is not None:
+                # The load just took the model's size out of the headroom: sample now, or the
+                # next admission judges a KV cache against the pre-load figure (up to one
+                # interval stale) and may admit one that does not fit.
+                self.governor.update()
+            return engine
 
         sched.loader = loader
 
