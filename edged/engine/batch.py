@@ -114,9 +114,12 @@ class BatchDecoder:
         with eng.lock:
             load_ns, eng._unreported_load = eng._unreported_load, 0
             io = self._row_io[b]
-            io.bind_cpu_input("input_ids", np.asarray([prepared.tokens], dtype=np.int64))
-            io.bind_cpu_input("attention_mask", np.ones((1, n), dtype=np.int64))
-            eng.runner.session.run_with_iobinding(io)
+            chunk = eng.runner.config.prefill_chunk  # as Sequence.forward: bounded prefill scratch
+            for start in range(0, n, chunk):
+                end = min(n, start + chunk)
+                eng.runner.bind_tokens(io, np.asarray([prepared.tokens[start:end]], dtype=np.int64))
+                io.bind_cpu_input("attention_mask", np.ones((1, end), dtype=np.int64))
+                eng.runner.session.run_with_iobinding(io)
         t1 = time.perf_counter_ns()
         slot = Slot(Decoder(eng, prepared, cancel), on_delta, on_done, length=n, t_start=t0, t_prompt=t1 - t0, t_eval_start=t1, load_ns=load_ns)
         self.active[b] = slot
@@ -155,7 +158,7 @@ class BatchDecoder:
             ids[b, 0] = s.next_token
             mask[b, : s.length + 1] = 1
         with eng.lock:
-            self._io.bind_cpu_input("input_ids", ids)
+            eng.runner.bind_tokens(self._io, ids)
             self._io.bind_cpu_input("attention_mask", mask)
             eng.runner.session.run_with_iobinding(self._io)
         n = len(self.active)

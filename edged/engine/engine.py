@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from edged.engine.detok import IncrementalDecoder
 from edged.engine.request import DEFAULT_OPTIONS, GenerateRequest, Options
-from edged.engine.runner import EngineConfig, GraphInfo, Runner
+from edged.engine.runner import EngineConfig, GraphInfo, Runner, release_free_memory
 from edged.engine.sampling import Sampler
 from edged.engine.stops import StopMatcher
 from edged.engine.template import ChatTemplate
@@ -53,6 +53,7 @@ class Engine:
         self.config = config
         self.info = GraphInfo.from_manifest(m["graph"])
         self.tokenizer = Tokenizer.from_file(str(model.file("tokenizer")))
+        release_free_memory()  # before the weights arrive: the parse garbage must not add to the peak
         tmpl_path = m["files_by_role"].get("chat_template")
         self.template = (
             ChatTemplate(
@@ -67,6 +68,7 @@ class Engine:
         self.context_length = int(m["context_length"])
         self.defaults = Options.from_dict({**_defaults_without_none(), **m.get("generation_defaults", {})})
         self.runner = Runner(str(model.file("model")), self.info, config)
+        release_free_memory()
         self.load_duration = load_ns + (time.perf_counter_ns() - t0)
         self._unreported_load = self.load_duration
         self.lock = threading.Lock()  # one generation at a time per engine

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from edged.engine.embedding import FILENAME as EMBEDDING_FILE
 from edged.errors import ConversionError, EdgedError, MissingExtra, QualityGateFailed
 from edged.models.store import Model, ModelStore, check_name
 
@@ -30,7 +31,7 @@ Progress = Callable[[str], None]
 
 # Bump when the graph or the quantization changes: `edged pull` re-prepares models
 # made by an older converter instead of calling them up to date.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3  # 3: int8-block64 on x86, embedding table out of the graph
 
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>")
 
@@ -236,7 +237,7 @@ def convert(
             "target": target,
             "quantization": {"scheme": scheme, "precision": "int8", **SCHEMES[scheme]},
             "graph": {
-                "kind": "edged-fused-v1",
+                "kind": "edged-fused-v2",  # v2: inputs_embeds + embedding table file
                 "shared_kv": True,
                 "num_layers": spec.num_layers,
                 "num_kv_heads": spec.num_kv_heads,
@@ -252,6 +253,7 @@ def convert(
             "generation_defaults": _generation_defaults(src),
             "files_by_role": {
                 "model": "model.onnx",
+                **({"embedding": EMBEDDING_FILE} if (staging / EMBEDDING_FILE).is_file() else {}),
                 "tokenizer": "tokenizer.json",
                 **({"chat_template": "chat_template.jinja"} if src.chat_template else {}),
             },

@@ -71,7 +71,7 @@ class ThrottledRunner(Runner):
     """A Runner whose core count can change while loaded. See the module doc."""
 
     def __init__(self, model_path: str, info: GraphInfo, config: EngineConfig, *, mode: str = "affinity",
-                 cap: CpuCap | None = None, session: ort.InferenceSession | None = None):
+                 cap: CpuCap | None = None, session: ort.InferenceSession | None = None, embedding=None):
         if mode not in ("affinity", "rebuild"):
             raise ValueError("mode must be affinity or rebuild")
         self.model_path = model_path
@@ -82,15 +82,12 @@ class ThrottledRunner(Runner):
         self._built_threads = self.max_threads
         self._pending: int | None = None
         self._lock = threading.Lock()
-        if session is None:
-            super().__init__(model_path, info, config)
-        else:
-            self.info, self.config, self.session = info, config, session
+        super().__init__(model_path, info, config, session=session, embedding=embedding)
 
     @classmethod
     def adopt(cls, runner: Runner, model_path: str, **kwargs) -> "ThrottledRunner":
         """Wrap an engine's existing session (no reload, no second copy)."""
-        return cls(model_path, runner.info, runner.config, session=runner.session, **kwargs)
+        return cls(model_path, runner.info, runner.config, session=runner.session, embedding=runner.embedding, **kwargs)
 
     def set_threads(self, n: int) -> None:
         """Use n cores from now on (takes effect before the next token)."""
