@@ -65,6 +65,7 @@ for p in spec["prompts"]:
         r["prefill_tps_internal"] = stats["prompt_eval_count"] / (stats["prompt_eval_duration"] / 1e9)
     results[p["name"]] = r
 
+peak_single = peak_rss_bytes()  # the measure: loaded + single requests done
 conc = []
 short = spec["prompts"][0]["text"]
 for c in spec.get("concurrency", []):
@@ -84,7 +85,7 @@ for c in spec.get("concurrency", []):
 
 d = engine.describe()
 emit({"event": "result", "engine": "edged", "prompts": results, "concurrency": conc,
-      "rss_loaded_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
+      "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_rss_bytes(),
       "load_duration_s": engine.load_duration / 1e9, "describe": d,
       "weight_bytes": sum(f["size"] for name, f in engine.model.manifest["files"].items() if ".onnx" in name),
       "weight_bytes_per_token": onnx_matmul_weight_bytes(str(engine.model.file("model")))})

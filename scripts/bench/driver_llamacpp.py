@@ -64,6 +64,7 @@ def main() -> None:
         return start
 
     results = measure_prompts(stream, spec)
+    peak_single = peak_rss_bytes()  # loaded + single requests done, before concurrency
     conc = []
     lock = threading.Lock()  # one llama context: not thread-safe
     for c in spec.get("concurrency", []):
@@ -71,7 +72,7 @@ def main() -> None:
             return sum(1 for _ in stream(spec["prompts"][0]["ids"], spec["conc_n_gen"])())
         conc.append(concurrency(one, c, lock=lock))
     emit({"event": "result", "engine": "llamacpp", "prompts": results, "concurrency": conc,
-          "rss_loaded_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
+          "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_rss_bytes(),
           # tied embeddings: token_embd is also the output matrix, so the whole file is read per token
           "weight_bytes": os.path.getsize(spec["model"]), "weight_bytes_per_token": os.path.getsize(spec["model"]),
           **version()})

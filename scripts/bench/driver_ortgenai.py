@@ -57,6 +57,7 @@ def main() -> None:
         return start
 
     results = measure_prompts(stream, spec)
+    peak_single = peak_rss_bytes()  # loaded + single requests done, before concurrency
     conc = []
     for c in spec.get("concurrency", []):
         def one():
@@ -70,7 +71,7 @@ def main() -> None:
     weight = sum(os.path.getsize(os.path.join(spec["model"], f)) for f in os.listdir(spec["model"])
                  if f.endswith((".onnx", ".onnx.data", ".data")))
     emit({"event": "result", "engine": "ortgenai", "prompts": results, "concurrency": conc,
-          "rss_loaded_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
+          "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_rss_bytes(),
           "weight_bytes": weight,
           "weight_bytes_per_token": onnx_matmul_weight_bytes(os.path.join(spec["model"], "model.onnx")), **version()})
 

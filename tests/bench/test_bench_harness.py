@@ -21,7 +21,7 @@ def _run(decode, ttft, rss, cold, conc=(10.0, 10.0)):
         },
         "concurrency": [{"clients": 1, "aggregate_tps": conc[0], "mode": "serialised"},
                         {"clients": 4, "aggregate_tps": conc[1], "mode": "serialised"}],
-        "peak_rss_bytes": rss, "rss_loaded_bytes": rss // 2, "cold_start_s": cold, "weight_bytes": 150_000_000,
+        "peak_rss_single_bytes": rss, "peak_rss_bytes": rss + 50_000_000, "rss_loaded_bytes": rss // 2, "cold_start_s": cold, "weight_bytes": 150_000_000,
     }
 
 
@@ -42,7 +42,7 @@ def test_summarize_and_paired_ratios():
     assert s["edged"]["prompts"]["short"]["decode_tps"] == 60
     assert s["edged"]["prompts"]["short"]["ttft_s"] == 0.2
     assert s["edged"]["cold_start_s"] == 1.5
-    assert s["edged"]["peak_rss_mb"] == 300
+    assert s["edged"]["peak_rss_single_mb"] == 300 and s["edged"]["peak_rss_mb"] == 350
     assert s["edged"]["concurrency"]["4"] == {"aggregate_tps": 10.0, "mode": "serialised"}
     assert s["ortgenai"]["rounds"] == 2  # the failed run is left out
     r = bench.ratios(runs, ["short", "long"], {"short": 40, "long": 400})
@@ -53,7 +53,8 @@ def test_summarize_and_paired_ratios():
     assert r["decode_ratio_vs_ortgenai_int8"] == pytest.approx(2.0)
     assert set(r["ttft_ratio_vs_llamacpp"]) == {"40", "400"}
     assert r["ttft_ratio_vs_llamacpp"]["40"] == pytest.approx(2.0)  # 0.2/0.1, 0.3/0.1, 0.1/0.2
-    assert r["rss_ratio_vs_llamacpp"] == pytest.approx(1.5)
+    assert r["rss_ratio_vs_llamacpp"] == pytest.approx(1.5)  # single requests: 300/200, 310/200, 290/220
+    assert r["rss_all_ratio_vs_llamacpp"] == pytest.approx(350 / 250)  # after everything: 340/250, 360/250, 350/270
     assert bench.bandwidth_fraction(100e6, 50, 10) == pytest.approx(0.5)
     assert bench.bandwidth_fraction(None, 50, 10) is None
 
@@ -100,7 +101,7 @@ def test_edged_only_run_on_tiny_model(tiny_store, tmp_path, monkeypatch):
         assert p["ttft_s"] > 0 and math.isfinite(p["prefill_tps"])
     run = res["runs"]["edged"][0]
     assert run["prompts"]["long"]["ids_match"] is True  # edged tokenized the text to the ids the anchors get
-    assert run["cold_start_s"] > 0 and run["peak_rss_bytes"] > 0
+    assert run["cold_start_s"] > 0 and 0 < run["peak_rss_single_bytes"] <= run["peak_rss_bytes"]
     assert [c["clients"] for c in run["concurrency"]] == [1, 4]
     assert res["bandwidth"]["best_gbps"] > 0
     assert "anchors skipped (--no-anchors)" in res["missing"]
