@@ -33,6 +33,24 @@ def tiny(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "mistral", "qwen2", "phi3"])
 def test_fused_graph_matches_transformers(kind, tmp_path):
+    _check_parity(kind, tmp_path, EngineConfig(threads=1))
+
+
+def test_lm_head_in_column_blocks_and_prompt_in_chunks(tmp_path, monkeypatch):
+    # 97-token vocabulary in blocks of 32: four MatMuls of uneven width joined by a Concat;
+    # a 7-token prompt fed 3 tokens per run: three prefill runs.
+    from edged.models import builder
+
+    monkeypatch.setattr(builder, "LM_HEAD_BLOCK", 32)
+    _check_parity("qwen2", tmp_path, EngineConfig(threads=1, prefill_chunk=3))
+    import onnx
+
+    nodes = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.node
+    assert len([n for n in nodes if n.op_type == "MatMul" and n.output[0].startswith("lm_head.")]) == 4
+    assert nodes[-1].op_type == "Concat" and nodes[-1].output[0] == "logits"
+
+
+def _check_parity(kind, tmp_path, config):
     torch.manual_seed(0)
     model = tiny(kind).eval()
     if kind == "qwen2":  # random biases, so the bias path is exercised
@@ -44,7 +62,7 @@ def test_fused_graph_matches_transformers(kind, tmp_path):
     path = tmp_path / "m.onnx"
     save_model(build_decoder(spec, weights), str(path))
     runner = Runner(str(path), GraphInfo(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
-                                         head_dim=spec.head_dim, vocab_size=spec.vocab_size), EngineConfig(threads=1))
+                                         head_dim=spec.head_dim, vocab_size=spec.vocab_size), config)
     prompt = [5, 17, 42, 8, 91, 3, 60]
     steps = [11, 29, 70]
     seq = runner.sequence(len(prompt) + len(steps))
