@@ -41,6 +41,7 @@ class EngineSection:
     spin_duration_us: int = 200  # bounded busy-wait between ops of one run; 0 = sleep at once
     graph_optimization: str = "all"  # disabled | basic | extended | all
     memory_arena: bool = True
+    prefill_chunk: int = 64  # prompt tokens per run: bounds a long prompt's scratch memory
     verify: str = "fast"  # model file check on load: fast | full | none
 
 
@@ -289,6 +290,8 @@ def _check_values(cfg: Config, where: str) -> None:
         bad("engine.verify", "must be one of fast, full, none")
     if cfg.engine.spin_duration_us < 0:
         bad("engine.spin_duration_us", "must be >= 0")
+    if cfg.engine.prefill_chunk < 1:
+        bad("engine.prefill_chunk", "must be >= 1")
 
     if cfg.threads is not None and cfg.threads < 1:
         bad("threads", "must be >= 1")
