@@ -9,7 +9,7 @@ def test_manifest_records_everything(tiny_store):
     m = tiny_store.get("tiny")
     man = m.manifest
     assert man["source"]["kind"] == "hf"
-    assert man["target"] == "x86" and man["quantization"]["scheme"] == "int8-block64"
+    assert man["target"] == "x86" and man["quantization"]["scheme"] == "int8-block32"
     assert set(man["files"]) >= {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja"}
     assert all(len(f["sha256"]) == 64 for f in man["files"].values())
     g = man["gate"]
@@ -26,7 +26,7 @@ def test_cli_list_show_rm(tiny_store, tiny_hf, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "quality gate: passed" in r.stdout
     r = edged_cli("list", home=home)
-    assert "t2" in r.stdout and "int8-block64" in r.stdout
+    assert "t2" in r.stdout and "int8-block32" in r.stdout
     r = edged_cli("show", "t2", "--verify", home=home)
     assert "perplexity ratio" in r.stdout and "agreement" in r.stdout and "verified" in r.stdout
     assert json.loads(edged_cli("show", "t2", "--json", home=home).stdout)["name"] == "t2"

@@ -31,7 +31,7 @@ Progress = Callable[[str], None]
 
 # Bump when the graph or the quantization changes: `edged pull` re-prepares models
 # made by an older converter instead of calling them up to date.
-CONVERTER_VERSION = 3  # 3: int8-block64 on x86, embedding table out of the graph
+CONVERTER_VERSION = 3  # 3: embedding table out of the graph, LM head in column blocks
 
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>")
 
