@@ -42,8 +42,13 @@ def cmd_pull(args) -> int:
     try:
         existing = store.get(args.model)
         m = existing.manifest
+        from edged.models.quantize import TARGET_SCHEME
+
+        target = args.target or _host()
         current = m.get("converter_version") == _converter_version()
-        if m["source"].get("sha256") == digest and current and m["target"] == (args.target or _host()):
+        # a changed default scheme for the target also means "prepare it again"
+        current = current and m["quantization"]["scheme"] == TARGET_SCHEME.get(target)
+        if m["source"].get("sha256") == digest and current and m["target"] == target:
             store.verify(existing, mode="full")
             print(f"{args.model} is up to date ({existing.path})")
             return 0
