@@ -126,6 +126,50 @@ def release_free_memory() -> None:
         pass
 
 
+MADV_DONTNEED = 4  # the same number on every Linux architecture
+
+
+def release_mapped_weights(model_path: str) -> int:
+    """Drop the resident pages of onnxruntime's mappings of the model's files.
+
+    Why: onnxruntime maps external weights, prepacks the MatMulNBits weights into
+    its own buffers and unmaps those, but keeps the mapping of inputs its kernels
+    do not report as packed (the block scales, ~16 MB for SmolLM2). The prepacked
+    copy is what runs; the pages read while prepacking stay resident for nothing.
+    The mappings are private and writable, so only those with no modified page
+    (smaps "Anonymous: 0 kB") are released: for them MADV_DONTNEED only drops
+    clean file pages, and a page touched again is read back from the file.
+    Returns the bytes of mappings released."""
+    folder = os.path.dirname(os.path.realpath(model_path)) + os.sep
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        with open("/proc/self/smaps") as f:
+            smaps = f.read().splitlines()
+    except (OSError, AttributeError):  # not Linux/glibc: nothing to do
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    candidates, current = [], None
+    for line in smaps:
+        parts = line.split(maxsplit=5)
+        if parts and "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:  # a mapping's header line
+            current = None
+            if len(parts) == 6 and parts[5].startswith(folder):
+                current = tuple(int(x, 16) for x in parts[0].split("-"))
+        elif current and parts[:1] == ["Anonymous:"] and parts[1] == "0":
+            candidates.append(current)
+    released = 0
+    for start, end in candidates:
+        if madvise(start, end - start, MADV_DONTNEED) == 0:
+            released += end - start
+    return released
+
+
+def open_session(model_path: str, config: EngineConfig) -> ort.InferenceSession:
+    session = ort.InferenceSession(model_path, config.session_options(), providers=["CPUExecutionProvider"])
+    release_mapped_weights(model_path)
+    return session
+
+
 class Runner:
     """One onnxruntime session; hands out Sequences that share it.
 
@@ -137,9 +181,7 @@ class Runner:
                  *, session: ort.InferenceSession | None = None, embedding: EmbeddingTable | None = None):
         self.info = info
         self.config = config
-        self.session = session or ort.InferenceSession(
-            model_path, config.session_options(), providers=["CPUExecutionProvider"]
-        )
+        self.session = session or open_session(model_path, config)
         self.embedding = embedding
         if embedding is None and "inputs_embeds" in {i.name for i in self.session.get_inputs()}:
             self.embedding = EmbeddingTable(os.path.join(os.path.dirname(os.path.abspath(model_path)), EMBEDDING_FILE))

@@ -33,7 +33,7 @@ import threading
 
 import onnxruntime as ort
 
-from edged.engine.runner import EngineConfig, GraphInfo, Runner
+from edged.engine.runner import EngineConfig, GraphInfo, Runner, open_session
 
 log = logging.getLogger("edged.throttle")
 
@@ -112,7 +112,7 @@ class ThrottledRunner(Runner):
         cfg = dataclasses.replace(self.config, threads=n)
         self.session = None  # drop the old copy first: never two in memory
         gc.collect()
-        self.session = ort.InferenceSession(self.model_path, cfg.session_options(), providers=["CPUExecutionProvider"])
+        self.session = open_session(self.model_path, cfg)
         self._built_threads = n
         self.cap.apply(self.threads)  # the new pool threads inherit our mask; re-pin all
 
