@@ -246,8 +246,8 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray]):
     # The LM head in column blocks of at most LM_HEAD_BLOCK, joined by a Concat. Why:
     # onnxruntime prepacks each quantized weight at load while the file copy is still
     # mapped, so the largest single matrix sets the load-time memory peak (SmolLM2's
-    # 49152-column head: 241 MB high-water mark in one piece, 219 MB in four; decode
-    # speed unchanged).
+    # 49152-column head: 267 MiB high-water mark at session creation in one piece,
+    # 246 MiB in three; decode speed unchanged).
     vocab = lm.shape[0]
     parts = -(-vocab // LM_HEAD_BLOCK)
     if parts == 1:
