@@ -47,7 +47,7 @@ def cmd_pull(args) -> int:
         target = args.target or _host()
         current = m.get("converter_version") == _converter_version()
         # a changed default scheme for the target also means "prepare it again"
-        current = current and m["quantization"]["scheme"] == TARGET_SCHEME.get(target)
+        current = current and m.get("quantization", {}).get("scheme") == TARGET_SCHEME.get(target)
         if m["source"].get("sha256") == digest and current and m["target"] == target:
             store.verify(existing, mode="full")
             print(f"{args.model} is up to date ({existing.path})")

@@ -55,7 +55,7 @@ class EngineConfig:
     # Prompts run through the graph this many tokens at a time. Why: a prefill's
     # activations and attention scratch grow with the tokens in one run, and the arena
     # keeps its high-water mark; 64-token chunks cut the peak of a 400-token prompt by
-    # ~45 MB for ~3 % more prefill time (measured on SmolLM2, 2 threads).
+    # ~19 MiB for ~5 % more prefill time (SmolLM2, 2 threads; docs/engine.md).
     prefill_chunk: int = 64
     verify: str = "fast"  # fast (size+mtime cache, then sha256 on change) | full | none
 
