@@ -145,6 +145,10 @@ def release_mapped_weights(model_path: str) -> int:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
         with open("/proc/self/smaps") as f:
             smaps = f.read().splitlines()
+        with open("/proc/self/maps") as f:
+            # An emulator (qemu-user) may show its host's smaps but the guest's maps:
+            # release only ranges both agree on.
+            mapped = {line.split(maxsplit=1)[0] for line in f if folder in line}
     except (OSError, AttributeError):  # not Linux/glibc: nothing to do
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -153,7 +157,7 @@ def release_mapped_weights(model_path: str) -> int:
         parts = line.split(maxsplit=5)
         if parts and "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:  # a mapping's header line
             current = None
-            if len(parts) == 6 and parts[5].startswith(folder):
+            if len(parts) == 6 and parts[5].startswith(folder) and parts[0] in mapped:
                 current = tuple(int(x, 16) for x in parts[0].split("-"))
         elif current and parts[:1] == ["Anonymous:"] and parts[1] == "0":
             candidates.append(current)
