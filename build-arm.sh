@@ -121,7 +121,8 @@ cp "$WHEELS"/*.whl "$OUT/wheels/"
 export EDGED_HOME="$CACHE/home-$SCHEME"
 MDIR="$EDGED_HOME/models/$MODEL"
 DEFAULT_SCHEME=$("$PY" -c 'from edged.models.quantize import TARGET_SCHEME; print(TARGET_SCHEME["arm64"])')
-if [ ! -f "$MDIR/edged-model.json" ] || ! "$PY" -c 'import json,sys; m = json.load(open(sys.argv[1])); sys.exit(m["target"] != "arm64" or m["quantization"]["scheme"] != sys.argv[2])' "$MDIR/edged-model.json" "$SCHEME"; then
+# reuse a prepared model only when target, scheme and converter version all match
+if [ ! -f "$MDIR/edged-model.json" ] || ! "$PY" -c 'import json,sys; from edged.models.convert import CONVERTER_VERSION as V; m = json.load(open(sys.argv[1])); sys.exit(m["target"] != "arm64" or m["quantization"]["scheme"] != sys.argv[2] or m.get("converter_version") != V)' "$MDIR/edged-model.json" "$SCHEME"; then
   if [ "$SCHEME" = "$DEFAULT_SCHEME" ]; then
     say "model: $MODEL for arm64, $SCHEME (edged pull --target arm64 into $EDGED_HOME)"
     "$VENV/bin/edged" pull "$MODEL" --target arm64
