@@ -12,8 +12,9 @@ runs every slot: rows are right-padded through attention_mask, whose per-row sum
 gives GroupQueryAttention each row's own length. A free slot is fed a dummy token
 at position 0 of its own row, which the next prefill overwrites.
 
-The cache starts small and doubles when a row needs more room (rows are copied
-and the bindings renewed between steps), up to the model's context length.
+The cache starts small and doubles when a row needs more room (active rows are
+copied and the bindings renewed between steps), up to the model's context length;
+when the last request leaves, it goes back to its initial size.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from edged.engine.engine import Decoder, Engine, Prepared
+from edged.engine.engine import INITIAL_ROOM, Decoder, Engine, Prepared
+from edged.engine.runner import lazy_zeros
 from edged.errors import ContextOverflow
 
 
@@ -60,19 +62,22 @@ class BatchDecoder:
         self._kv: list[np.ndarray] = []
         self.active: dict[int, Slot] = {}
         self.capacity = 0
-        self._allocate(min(initial, self.max_capacity))
+        self.initial = min(initial, self.max_capacity)
+        self._allocate(self.initial)
 
     def _allocate(self, capacity: int) -> None:
         """(Re)allocate the shared cache with `capacity` positions per row, keeping
         what the active rows hold. It starts small and doubles on demand: onnxruntime's
         attention scratch grows with the bound cache length (see runner.Sequence)."""
         info = self.engine.info
-        keep = max((s.length for s in self.active.values()), default=0)
         old = self._kv
         shape = (self.slots, info.num_kv_heads, capacity, info.head_dim)
-        self._kv = [np.zeros(shape, np.float32) for _ in range(2 * info.num_layers)]
+        self._kv = [lazy_zeros(shape) for _ in range(2 * info.num_layers)]
+        # Copy only what active rows hold: the new pages stay unbacked until written, so
+        # copying whole (mostly empty) rows would make every slot's cache resident.
         for new, prev in zip(self._kv, old):
-            new[:, :, :keep] = prev[:, :, :keep]
+            for b, slot in self.active.items():
+                new[b, :, : slot.length] = prev[b, :, : slot.length]
         for i in range(info.num_layers):
             for j, kind in enumerate(("key", "value")):
                 buf = self._kv[2 * i + j]
@@ -110,7 +115,9 @@ class BatchDecoder:
         eng = self.engine
         t0 = time.perf_counter_ns()
         n = len(prepared.tokens)
-        self._ensure(n + 1)
+        # room for the prompt and the first INITIAL_ROOM tokens at once, as a single
+        # Sequence gets: growing later copies the cache and holds both copies meanwhile
+        self._ensure(max(n + 1, min(prepared.capacity, n + INITIAL_ROOM)))
         with eng.lock:
             load_ns, eng._unreported_load = eng._unreported_load, 0
             io = self._row_io[b]
@@ -132,6 +139,11 @@ class BatchDecoder:
             slot.on_delta(delta)
         if tok is None:
             del self.active[b]
+            if not self.active and self.capacity > self.initial:
+                # Drained: give the grown cache back. Rows keep the pages their requests
+                # wrote, so a long-lived batch would otherwise end up with every slot's
+                # cache resident at the largest size it ever had.
+                self._allocate(self.initial)
             now = time.perf_counter_ns()
             slot.on_done(
                 slot.decoder.stats(

@@ -195,6 +195,14 @@ def ratios(runs: dict[str, list[dict]], prompt_names=("short", "long"), token_co
     return out
 
 
+def serve_ratio(results: dict) -> None:
+    """edged serve's peak ÷ the llama.cpp driver's peak after the same single requests."""
+    peak = (results.get("serve_rss") or {}).get("peak_rss_bytes")
+    anchor = (results.get("summary", {}).get("llamacpp") or {}).get("peak_rss_single_mb")
+    if peak and anchor:
+        results.setdefault("ratios", {})["serve_rss_ratio_vs_llamacpp"] = peak / 1e6 / anchor
+
+
 def bandwidth_fraction(weight_bytes, decode_tps, bandwidth_gbps) -> float | None:
     """Share of the memory-bandwidth limit: every weight byte read once per token."""
     if not weight_bytes or not decode_tps or not bandwidth_gbps:
@@ -282,8 +290,16 @@ def markdown_report(results: dict) -> str:
                  f"{_fmt(r.get('rss_ratio_vs_ortgenai'), 2)} |")
     lines.append(f"| peak RSS after everything (edged: + a 4-slot batch) | {_fmt(r.get('rss_all_ratio_vs_llamacpp'), 2)} | "
                  f"{_fmt(r.get('rss_all_ratio_vs_ortgenai'), 2)} |")
+    if r.get("serve_rss_ratio_vs_llamacpp") is not None:
+        lines.append(f"| peak RSS of `edged serve` (the daemon) after the same requests | "
+                     f"{_fmt(r.get('serve_rss_ratio_vs_llamacpp'), 2)} | – |")
     lines.append(f"| cold start | {_fmt(r.get('cold_start_ratio_vs_llamacpp'), 2)} | "
                  f"{_fmt(r.get('cold_start_ratio_vs_ortgenai'), 2)} |")
+    sr = results.get("serve_rss")
+    if sr:
+        lines += ["", f"`edged serve` as a daemon ({sr.get('mode')}): peak RSS {_fmt((sr.get('peak_rss_bytes') or 0) / 1e6, 0)} MB "
+                      f"after the same {sr.get('requests')} requests, {_fmt((sr.get('rss_after_bytes') or 0) / 1e6, 0)} MB "
+                      "resident afterwards (VmHWM / VmRSS of the process)."]
     if bw:
         lines += ["", f"Memory read bandwidth ({bw.get('threads')} threads, {bw.get('method', '')}): "
                       f"{_fmt(bw.get('best_gbps'), 2)} GB/s best, {_fmt(bw.get('mean_gbps'), 2)} GB/s mean. "
@@ -629,6 +645,12 @@ def run(args) -> dict:
         "missing": missing,
         "runs": runs,
     }
+    log("edged serve: peak RSS of the daemon process after the same prompts")
+    try:
+        results["serve_rss"] = serve_rss(args.model, str(store.root), prompts, n_gen, threads)
+    except Exception as e:
+        missing.append(f"edged serve RSS: failed: {e!r}")
+    serve_ratio(results)
     bfr = {}
     for eng, s in summary.items():
         dec = (s["prompts"].get("long") or {}).get("decode_tps")
@@ -640,6 +662,55 @@ def run(args) -> dict:
         results[k] = results["ratios"].get(k)
     results["cold_start_s"] = {e: s.get("cold_start_s") for e, s in summary.items()}
     return results
+
+
+def serve_rss(model: str, models_dir: str, prompts: list[dict], n_gen: int, threads: int,
+              timeout: float = 600) -> dict:
+    """The target's own measure: peak RSS of a real `edged serve` process (Unix socket
+    only, MQTT off) with the model loaded and the benchmark's prompts answered, read
+    from /proc/PID/status (VmHWM) before it is stopped."""
+    import signal
+
+    from edged.serve.client import SocketClient
+
+    with tempfile.TemporaryDirectory(prefix="edged-bench-serve-") as d:
+        sock = os.path.join(d, "s.sock")
+        cfg = os.path.join(d, "edged.yaml")
+        with open(cfg, "w") as f:
+            json.dump({"model": model, "models_dir": models_dir, "threads": threads, "keep_alive": -1,
+                       "log_level": "warning", "socket": {"path": sock}, "mqtt": {"enabled": False}}, f)
+        proc = subprocess.Popen([sys.executable, "-m", "edged", "serve", "--config", cfg],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not os.path.exists(sock):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"edged serve did not start: {(proc.stderr.read() or '')[-300:]}")
+                time.sleep(0.05)
+            done = 0
+            with SocketClient(sock, timeout=timeout) as c:
+                for p in prompts:
+                    final = c.call({"prompt": p["text"], "raw": True, "stream": False, "options": {
+                        "temperature": 0, "num_predict": n_gen, "repeat_penalty": 1.0, "top_k": 1}})
+                    if not final.get("done") or final.get("error"):
+                        raise RuntimeError(f"edged serve answered {final}")
+                    done += 1
+            status = {}
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    if k in ("VmHWM", "VmRSS"):
+                        status[k] = int(v.split()[0]) * 1024
+            return {"peak_rss_bytes": status.get("VmHWM"), "rss_after_bytes": status.get("VmRSS"),
+                    "requests": done, "mode": "edged serve, socket only (MQTT off), keep_alive -1"}
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def transport_bench(args, store, results: dict) -> None:
@@ -683,6 +754,7 @@ def recompute(results: dict) -> dict:
     pt = results.get("config", {}).get("prompt_tokens", {})
     results["summary"] = summary = summarize(runs)
     results["ratios"] = ratios(runs, list(pt) or ["short", "long"], pt)
+    serve_ratio(results)
     bw = results.get("bandwidth", {})
     results["bandwidth_fraction"] = {
         eng: bandwidth_fraction(s.get("weight_bytes_per_token"), (s["prompts"].get("long") or {}).get("decode_tps"),
