@@ -14,10 +14,17 @@ def alone(engine, prompt, n):
     return g.text, g.stats
 
 
-def test_batched_greedy_matches_single_stream_with_joins_and_leaves(tiny_engine):
+def test_batched_greedy_matches_single_stream_with_joins_and_leaves(tiny_engine, monkeypatch):
+    from edged.engine import batch as batch_mod
+
     lengths = [12, 5, 20, 9, 15]
     expected = [alone(tiny_engine, p, n) for p, n in zip(PROMPTS, lengths)]
-    batch = BatchDecoder(tiny_engine, slots=3, capacity=128, initial=4)  # grows during the run
+    # room for only 2 new tokens at a join: the cache grows while other rows hold tokens
+    monkeypatch.setattr(batch_mod, "INITIAL_ROOM", 2)
+    batch = BatchDecoder(tiny_engine, slots=3, capacity=128, initial=4)
+    grown = []
+    allocate = batch._allocate
+    monkeypatch.setattr(batch, "_allocate", lambda c: (grown.append(len(batch.active)), allocate(c)))
     results: dict[int, dict] = {}
     texts = {i: [] for i in range(len(PROMPTS))}
     pending = list(range(len(PROMPTS)))
@@ -33,6 +40,7 @@ def test_batched_greedy_matches_single_stream_with_joins_and_leaves(tiny_engine)
         assert results[i]["eval_count"] == stats["eval_count"]
         assert results[i]["done_reason"] == stats["done_reason"]
     assert steps > max(lengths)  # several sequences really shared steps
+    assert any(n >= 1 for n in grown), grown  # grew while another row held tokens (copied)
 
 
 def test_cancel_one_slot_leaves_the_others(tiny_engine):
@@ -61,3 +69,29 @@ def test_growing_sequence_cache_keeps_its_contents(tiny_engine):
         np.testing.assert_allclose(a, b, atol=1e-5)
         a, b = small.forward([t]).copy(), big.forward([t]).copy()
     assert small.capacity < 64 and small.capacity >= small.length
+
+
+def test_a_drained_batch_gives_its_grown_cache_back(tiny_engine):
+    batch = BatchDecoder(tiny_engine, slots=2, capacity=128, initial=8)
+    prep = tiny_engine.prepare(GenerateRequest.from_dict({"prompt": PROMPTS[3], "options": {"temperature": 0, "num_predict": 40}}))
+    done = []
+    batch.add(prep, on_delta=lambda d: None, on_done=done.append)
+    assert batch.capacity >= len(prep.tokens) + 1 > 8
+    while batch.active:
+        batch.step()
+    assert done and batch.capacity == 8
+
+
+def test_kv_buffers_become_resident_only_where_written():
+    import numpy as np
+
+    from edged.engine.runner import lazy_zeros
+
+    def rss_kb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+    before = rss_kb()
+    kv = lazy_zeros((4, 3, 8192, 64))  # 24 MiB
+    kv[0, :, :16] = 1.0
+    assert rss_kb() - before < 4096 and kv.sum() == 3 * 16 * 64 and not kv[1:].any()
