@@ -702,7 +702,7 @@ def serve_rss(model: str, models_dir: str, prompts: list[dict], n_gen: int, thre
                     if k in ("VmHWM", "VmRSS"):
                         status[k] = int(v.split()[0]) * 1024
             return {"peak_rss_bytes": status.get("VmHWM"), "rss_after_bytes": status.get("VmRSS"),
-                    "requests": done, "mode": "edged serve, socket only (MQTT off), keep_alive -1"}
+                    "requests": done, "mode": "socket only, MQTT off, keep_alive -1"}
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -106,6 +106,8 @@ def test_edged_only_run_on_tiny_model(tiny_store, tmp_path, monkeypatch):
     assert res["bandwidth"]["best_gbps"] > 0
     assert "anchors skipped (--no-anchors)" in res["missing"]
     assert res["decode_ratio_vs_llamacpp_q8_0"] is None
+    # a real `edged serve` answered the same prompts, and its peak RSS was read
+    assert res["serve_rss"]["requests"] == 2 and res["serve_rss"]["peak_rss_bytes"] > 10 << 20
 
 
 def test_transport_hook_calls_the_serve_function(monkeypatch):
