@@ -41,14 +41,7 @@ def cmd_pull(args) -> int:
     digest = sha256_file(path)
     try:
         existing = store.get(args.model)
-        m = existing.manifest
-        from edged.models.quantize import TARGET_SCHEME
-
-        target = args.target or _host()
-        current = m.get("converter_version") == _converter_version()
-        # a changed default scheme for the target also means "prepare it again"
-        current = current and m.get("quantization", {}).get("scheme") == TARGET_SCHEME.get(target)
-        if m["source"].get("sha256") == digest and current and m["target"] == target:
+        if is_current(existing.manifest, digest, args.target or _host()):
             store.verify(existing, mode="full")
             print(f"{args.model} is up to date ({existing.path})")
             return 0
@@ -70,6 +63,20 @@ def cmd_pull(args) -> int:
     _print_gate(model.manifest)
     print(f"pulled {args.model} -> {model.path}")
     return 0
+
+
+def is_current(manifest: dict, source_sha256: str, target: str) -> bool:
+    """Whether a prepared model is what `edged pull` would make now: same source file,
+    same target, same converter version and the target's current default scheme
+    (a store made by an older edged is prepared again, not served stale)."""
+    from edged.models.quantize import TARGET_SCHEME
+
+    return (
+        manifest.get("source", {}).get("sha256") == source_sha256
+        and manifest.get("target") == target
+        and manifest.get("converter_version") == _converter_version()
+        and manifest.get("quantization", {}).get("scheme") == TARGET_SCHEME.get(target)
+    )
 
 
 def _converter_version() -> int:

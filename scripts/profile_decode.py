@@ -48,9 +48,15 @@ def main() -> int:
     past = {n: np.zeros((1, heads, 0, dim), np.float32) for n in kv}
     ids = prompt
     total = 0
+    table = None
+    if "inputs_embeds" in ins:  # converter 3+: the engine reads the embedding from its own table
+        from edged.engine.embedding import FILENAME, EmbeddingTable
+
+        table = EmbeddingTable(path.parent / FILENAME)
     for _ in range(a.steps + 1):
         total += len(ids)
-        feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, total), np.int64), **past}
+        tokens = {"inputs_embeds": table.rows([ids])} if table else {"input_ids": np.array([ids], np.int64)}
+        feed = {**tokens, "attention_mask": np.ones((1, total), np.int64), **past}
         if "position_ids" in ins:
             feed["position_ids"] = np.arange(total - len(ids), total, dtype=np.int64)[None]
         outs = sess.run(None, feed)

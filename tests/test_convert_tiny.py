@@ -77,3 +77,25 @@ def test_interactive_chat_keeps_history_and_leaves_on_bye(tiny_store):
     # the second turn carries the first question and answer: history is kept
     assert prompts[1] > 2 * prompts[0] - 2
     assert "Type /bye" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pull_prepares_again_when_the_store_is_stale(tiny_store):
+    """`edged pull` keeps a prepared model only if it is what it would make now."""
+    import copy
+
+    from edged.cli import is_current
+
+    man = copy.deepcopy(tiny_store.get("tiny").manifest)
+    man["source"]["sha256"] = "a" * 64
+    assert is_current(man, "a" * 64, "x86")
+    assert not is_current(man, "b" * 64, "x86"), "another source file"
+    assert not is_current(man, "a" * 64, "arm64"), "another target"
+    old = copy.deepcopy(man)
+    old["converter_version"] -= 1
+    assert not is_current(old, "a" * 64, "x86"), "an older converter"
+    other = copy.deepcopy(man)
+    other["quantization"]["scheme"] = "int8-block64"
+    assert not is_current(other, "a" * 64, "x86"), "not the target's default scheme"
+    legacy = copy.deepcopy(man)
+    del legacy["quantization"]
+    assert not is_current(legacy, "a" * 64, "x86"), "a manifest without a quantization section"
