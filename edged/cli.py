@@ -423,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark against llama.cpp and onnxruntime-genai")
     b.add_argument("--model", default="smollm2-135m")
-    b.add_argument("--rounds", type=int, default=3)
+    from edged.ops.bench import DEFAULT_ROUNDS
+
+    b.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--no-anchors", action="store_true", help="measure edged only")
     b.add_argument("--out", default="bench/results.json")

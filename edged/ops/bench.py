@@ -33,6 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# Alternating rounds per run. Why 7: on a shared 2-core machine single rounds vary by
+# +-15 % (llama.cpp 62-107 tok/s within one run); a round takes ~25 s.
+DEFAULT_ROUNDS = 7
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "bench"
 ENGINES = ("edged", "llamacpp", "ortgenai")
@@ -803,7 +807,7 @@ def main(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edged.ops.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-anchors", action="store_true")
     p.add_argument("--out", default="bench/results.json")
