@@ -23,6 +23,10 @@ def test_rows_match_the_models_fp32_embedding(tiny_hf, tiny_store):
     # symmetric int8 per block: error at most half a step of the block's scale
     step = np.abs(table[ids]).reshape(2, 3, -1, emb.block).max(-1, keepdims=True) / 127
     assert np.all(np.abs(rows - table[ids]).reshape(step.shape[:-1] + (emb.block,)) <= step / 2 + 1e-6)
+    # a decode step's single token takes a shorter path: same values, same shapes
+    np.testing.assert_array_equal(emb.rows([[399]]), rows[:1, 2:3])
+    np.testing.assert_array_equal(emb.rows([7]), rows[1, :1])
+    assert emb.rows([[5]]).dtype == np.float32
 
 
 def test_the_quantized_graph_takes_embeddings_not_ids(tiny_store):
@@ -38,8 +42,9 @@ def test_bad_ids_and_bad_files_are_named(tmp_path):
     write_table(path, np.ones((4, 8), np.int8), np.full((4, 2), 0.5, np.float32))
     emb = EmbeddingTable(path)
     np.testing.assert_array_equal(emb.rows([3]), np.full((1, 8), 0.5, np.float32))
-    with pytest.raises(ValueError, match="token id 4 is outside the vocabulary"):
-        emb.rows([1, 4])
+    for bad, tok in (([1, 4], 4), ([[4]], 4), ([-1], -1)):
+        with pytest.raises(ValueError, match=f"token id {tok} is outside the vocabulary"):
+            emb.rows(bad)
     data = path.read_bytes()
     path.write_bytes(data[:-1])
     with pytest.raises(ModelCorrupt, match="truncated"):

@@ -71,6 +71,8 @@ class EmbeddingTable:
     def rows(self, ids) -> np.ndarray:
         """Token ids of any shape -> float32 embeddings of shape ids.shape + (hidden,)."""
         ids = np.asarray(ids, dtype=np.int64)
+        if ids.size == 1:
+            return self._one(int(ids.reshape(-1)[0])).reshape(ids.shape + (self.hidden,))
         flat = ids.reshape(-1)
         if flat.size and (flat.min() < 0 or flat.max() >= self.vocab):
             bad = int(flat[(flat < 0) | (flat >= self.vocab)][0])
@@ -82,6 +84,17 @@ class EmbeddingTable:
         values = raw[:, 4 * self._nblocks :].view(np.int8).astype(np.float32).reshape(-1, self._nblocks, self.block)
         out = (values * scales[:, :, None]).reshape(ids.shape + (self.hidden,))
         return out
+
+    def _one(self, token: int) -> np.ndarray:
+        # A decode step's row, with as few numpy calls as possible. Why: this runs right
+        # after a step whose weight stream has emptied the CPU caches, where each numpy
+        # call costs ~10x its warm time (~170 us for the general path below, measured).
+        if not 0 <= token < self.vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary (0..{self.vocab - 1})")
+        raw = os.pread(self._fd, self._row, _HEADER.size + token * self._row)
+        scales = np.frombuffer(raw, "<f4", self._nblocks)
+        values = np.frombuffer(raw, np.int8, offset=4 * self._nblocks).reshape(self._nblocks, self.block)
+        return values * scales[:, None]
 
     def close(self) -> None:
         with self._lock:

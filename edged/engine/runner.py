@@ -232,6 +232,7 @@ class Sequence:
         self.logits = np.zeros((1, 1, runner.info.vocab_size), np.float32)
         self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         self._kv: list[np.ndarray] = []
+        self._ones = np.ones((1, self.max_capacity), np.int64)  # attention masks are views of it
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
@@ -261,7 +262,7 @@ class Sequence:
             part = tokens[start : start + chunk]
             end = self.length + len(part)
             self.runner.bind_tokens(self.io, np.asarray([part], dtype=np.int64))
-            self.io.bind_cpu_input("attention_mask", np.ones((1, end), dtype=np.int64))
+            self.io.bind_cpu_input("attention_mask", self._ones[:, :end])
             self.runner.session.run_with_iobinding(self.io)
             self.length = end
         return self.logits[0, -1]
