@@ -87,8 +87,9 @@ class EmbeddingTable:
 
     def _one(self, token: int) -> np.ndarray:
         # A decode step's row, with as few numpy calls as possible. Why: this runs right
-        # after a step whose weight stream has emptied the CPU caches, where each numpy
-        # call costs ~10x its warm time (~170 us for the general path below, measured).
+        # after a step whose weight stream has emptied the CPU caches, where numpy calls
+        # cost ~10x their warm time (SmolLM2 decode: ~180 us per row for the general
+        # path, ~130 us for this one, 12 us for either in a warm loop).
         if not 0 <= token < self.vocab:
             raise ValueError(f"token id {token} is outside the vocabulary (0..{self.vocab - 1})")
         raw = os.pread(self._fd, self._row, _HEADER.size + token * self._row)
