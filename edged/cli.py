@@ -423,9 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark against llama.cpp and onnxruntime-genai")
     b.add_argument("--model", default="smollm2-135m")
-    from edged.ops.bench import DEFAULT_ROUNDS
-
-    b.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    # Why not import edged.ops.bench for its default: every edged command (serve included)
+    # builds this parser, and that import costs ~95 ms of start-up.
+    b.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: DEFAULT_ROUNDS in edged/ops/bench.py)")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--no-anchors", action="store_true", help="measure edged only")
     b.add_argument("--out", default="bench/results.json")

@@ -548,7 +548,7 @@ def run(args) -> dict:
     from edged.models.store import ModelStore
 
     threads = int(args.threads)
-    rounds = max(1, int(args.rounds))
+    rounds = max(1, int(args.rounds if args.rounds is not None else DEFAULT_ROUNDS))
     n_gen = int(getattr(args, "n_gen", None) or 128)
     conc_n_gen = int(getattr(args, "conc_n_gen", None) or 64)
     cache = cache_dir()
