@@ -49,9 +49,9 @@ def tiny_store(tiny_hf, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_store):
-    from edged.engine.engine import Engine
+    from edged.models.loading import load_engine
 
-    return Engine.load("tiny", store=tiny_store)
+    return load_engine("tiny", store=tiny_store)
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +65,6 @@ def smollm2_store():
 
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2_store):
-    from edged.engine.engine import Engine
+    from edged.models.loading import load_engine
 
-    return Engine.load("smollm2-135m", store=smollm2_store)
+    return load_engine("smollm2-135m", store=smollm2_store)

@@ -67,11 +67,11 @@ def _resident_bytes_of(folder: str) -> int:
 
 
 def test_weight_file_pages_are_not_kept_resident_after_load(smollm2_store):
-    from edged.engine.engine import Engine
+    from edged.models.loading import load_engine
     from edged.engine.request import GenerateRequest
 
     folder = os.path.realpath(smollm2_store.get("smollm2-135m").path) + os.sep
-    engine = Engine.load("smollm2-135m", store=smollm2_store)
+    engine = load_engine("smollm2-135m", store=smollm2_store)
     # Without the release, onnxruntime's mappings keep ~16 MB of block scales resident.
     assert _resident_bytes_of(folder) < 4 << 20
     text = engine.generate(GenerateRequest.from_dict(

@@ -60,11 +60,11 @@ def test_corrupted_model_file_gives_a_clear_error(smollm2_store, tmp_path):
         f.write(b"\x00garbage\x00")
     r = edged_cli("run", "smollm2-135m", "hi", home=home)
     assert r.returncode == 1 and "corrupt" in r.stderr and "Traceback" not in r.stderr
-    from edged.engine.engine import Engine
+    from edged.models.loading import load_engine
     from edged.models.store import ModelStore
 
     with pytest.raises(ModelCorrupt, match="model.onnx.data"):
-        Engine.load("smollm2-135m", store=ModelStore(home / "models"))
+        load_engine("smollm2-135m", store=ModelStore(home / "models"))
 
 
 def test_gate_refuses_optimums_arm64_scheme_on_x86(smollm2_store, tmp_path):

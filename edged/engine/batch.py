@@ -52,6 +52,7 @@ class BatchDecoder:
         self.max_capacity = capacity or engine.context_length
         info = engine.info
         sess = engine.runner.session
+        self._session = sess
         self._logits = np.zeros((slots, 1, info.vocab_size), np.float32)
         self._row_logits = [np.zeros((1, 1, info.vocab_size), np.float32) for _ in range(slots)]
         self._io = sess.io_binding()
@@ -64,6 +65,13 @@ class BatchDecoder:
         self.capacity = 0
         self.initial = min(initial, self.max_capacity)
         self._allocate(self.initial)
+
+    def serves(self, engine: Engine) -> bool:
+        """Whether these bindings belong to the engine's current session. An idle
+        batch first lets the runner apply a pending rebuild (ops/throttle.py)."""
+        if not self.active:
+            engine.runner.refresh()
+        return self.engine is engine and self._session is engine.runner.session
 
     def _allocate(self, capacity: int) -> None:
         """(Re)allocate the shared cache with `capacity` positions per row, keeping

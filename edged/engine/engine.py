@@ -1,15 +1,15 @@
-"""The engine: one loaded model, generating one request at a time.
+"""The engine: one loaded model and the per-request decoding state.
 
-Transports and the scheduler call exactly this API:
-
-    engine = Engine.load("smollm2-135m", config=EngineConfig())
+    engine = Engine(model, EngineConfig())       # model: an installed model folder
     gen = engine.generate(GenerateRequest(prompt="hi"), cancel=threading.Event())
     for delta in gen: ...          # UTF-8-safe text deltas
     gen.stats                      # Ollama's final stats (names and units)
 
-`prepare` (template + tokenize + context check) is separate from decoding so a
-scheduler can reject a request before it queues, and so batching can later
-drive several prepared sequences through one runner.
+Names are resolved by the callers (`edged.models.loading.load_engine`); the
+engine only needs the folder and its manifest. `prepare` (template + tokenize +
+context check) is separate from decoding so the scheduler can reject a request
+before it runs, and so batch.BatchDecoder can drive several prepared sequences
+through one runner.
 """
 
 from __future__ import annotations
@@ -18,18 +18,30 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from tokenizers import Tokenizer
 
 from edged.engine.detok import IncrementalDecoder
-from edged.engine.request import DEFAULT_OPTIONS, GenerateRequest, Options
+from edged.engine.request import GenerateRequest, Options
 from edged.engine.runner import EngineConfig, GraphInfo, Runner, release_free_memory
 from edged.engine.sampling import Sampler
 from edged.engine.stops import StopMatcher
 from edged.engine.template import ChatTemplate
-from edged.errors import ContextOverflow, ModelCorrupt, RequestError
-from edged.models.store import Model, ModelStore
+from edged.errors import ContextOverflow, RequestError
+
+
+class Model(Protocol):
+    """What the engine needs of an installed model (edged.models.store.Model is one)."""
+
+    name: str
+    path: Path
+    manifest: dict
+
+    def file(self, role: str) -> Path: ...
+
+    @property
+    def size_bytes(self) -> int: ...
 
 
 # KV slots reserved beyond the prompt at first; the cache grows by doubling.
@@ -46,7 +58,8 @@ class Prepared:
 
 
 class Engine:
-    def __init__(self, model: Model, config: EngineConfig, *, load_ns: int = 0):
+    def __init__(self, model: Model, config: EngineConfig | None = None, *, load_ns: int = 0):
+        config = config or EngineConfig()
         t0 = time.perf_counter_ns()
         m = model.manifest
         self.model = model
@@ -66,30 +79,12 @@ class Engine:
         )
         self.eos_ids = frozenset(m["eos_token_ids"])
         self.context_length = int(m["context_length"])
-        self.defaults = Options.from_dict({**_defaults_without_none(), **m.get("generation_defaults", {})})
+        self.defaults = Options.from_dict(m.get("generation_defaults") or {})
         self.runner = Runner(str(model.file("model")), self.info, config)
         release_free_memory()
         self.load_duration = load_ns + (time.perf_counter_ns() - t0)
         self._unreported_load = self.load_duration
         self.lock = threading.Lock()  # one generation at a time per engine
-
-    @classmethod
-    def load(cls, name_or_path: str | Path, *, config: EngineConfig | None = None, store: ModelStore | None = None):
-        config = config or EngineConfig()
-        t0 = time.perf_counter_ns()
-        p = Path(name_or_path)
-        if p.is_dir() and (p / "edged-model.json").is_file():
-            store, name = ModelStore(p.parent), p.name
-        else:
-            store, name = store or ModelStore(), str(name_or_path)
-        model = store.get(name)
-        store.verify(model, mode=config.verify)
-        try:
-            return cls(model, config, load_ns=time.perf_counter_ns() - t0)
-        except ModelCorrupt:
-            raise
-        except Exception as e:  # onnxruntime/tokenizers refuse a damaged file
-            raise ModelCorrupt(f"model {model.name!r} could not be loaded: {e}") from None
 
     # -- preparation -----------------------------------------------------------
     def render(self, req: GenerateRequest) -> str:
@@ -140,10 +135,6 @@ class Engine:
             "threads": self.config.effective_threads,
             "size": self.model.size_bytes,
         }
-
-
-def _defaults_without_none() -> dict:
-    return {k: v for k, v in DEFAULT_OPTIONS.items() if v is not None}
 
 
 class Decoder:

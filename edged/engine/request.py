@@ -12,25 +12,11 @@ from typing import Any
 
 from edged.errors import RequestError
 
-# Ollama's defaults; a model's own generation defaults (from its manifest) and
-# then the request's options are laid over them.
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "temperature": 0.8,
-    "top_k": 40,
-    "top_p": 0.9,
-    "min_p": 0.0,
-    "repeat_penalty": 1.1,
-    "repeat_last_n": 64,
-    "seed": None,
-    "num_predict": -1,
-    "num_ctx": None,
-    "stop": [],
-    "truncate": False,
-}
-
-
 @dataclass(frozen=True, kw_only=True)
 class Options:
+    """Sampling and limits. The defaults are Ollama's; a model's recommended settings
+    (its manifest's generation_defaults) and then the request's options go over them."""
+
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.9

@@ -210,7 +210,11 @@ class Runner:
         else:
             io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
 
+    def refresh(self) -> None:
+        """Called while no sequence is live: a runner that changes its session does it here."""
+
     def sequence(self, capacity: int, max_capacity: int | None = None) -> "Sequence":
+        self.refresh()
         return Sequence(self, capacity, max_capacity)
 
 

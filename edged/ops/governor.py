@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from edged.errors import Busy, EdgedError
+from edged.settings import live
 from edged.ops.sources import Sample, Sources, decode_throttled
 
 log = logging.getLogger("edged.governor")
@@ -62,26 +63,26 @@ class GovernorConfig:
     root: str = "/"  # where /sys and /proc are read (tests point it at a fake tree)
     vcgencmd: bool = False  # ask `vcgencmd get_throttled` when the sysfs file is absent (needs group video)
     interval: float = 2.0  # seconds between samples
-    warm_c: float = 70.0
-    hot_c: float = 75.0
-    critical_c: float = 80.0
-    hysteresis_c: float = 5.0
+    warm_c: float = live(70.0)
+    hot_c: float = live(75.0)
+    critical_c: float = live(80.0)
+    hysteresis_c: float = live(5.0)
     # Cores for inference per level; 0 = all allowed cores.
-    threads: list[int] = field(default_factory=lambda: [0, 0, 1, 1])
+    threads: list[int] = live(factory=lambda: [0, 0, 1, 1])
     # Fraction of wall time spent computing during a generation (1.0 = no pacing).
-    duty: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    duty: list[float] = live(factory=lambda: [1.0, 0.75, 0.5, 0.25])
     # Largest num_predict for new requests; 0 = no cap.
-    token_cap: list[int] = field(default_factory=lambda: [0, 0, 256, 64])
-    retry_after_ms: int = 30_000  # busy hint while critical
+    token_cap: list[int] = live(factory=lambda: [0, 0, 256, 64])
+    retry_after_ms: int = live(30_000)  # busy hint while critical
     use_throttle_flags: bool = True
     # Memory
-    reserve_mb: int = 64  # kept free beyond everything we admit
-    memory_limit_mb: int | None = None  # our own ceiling when no cgroup limit applies
-    tight_mb: int = 128  # headroom below this: memory state tight
-    critical_mb: int = 32  # headroom below this: memory state critical
-    psi_tight: float = 10.0  # PSI some avg10 (%) at which memory is tight
-    psi_critical: float = 5.0  # PSI full avg10 (%) at which memory is critical
-    load_factor: float = 1.3  # a model needs this many times its file size to load
+    reserve_mb: int = live(64)  # kept free beyond everything we admit
+    memory_limit_mb: int | None = live(None)  # our own ceiling when no cgroup limit applies
+    tight_mb: int = live(128)  # headroom below this: memory state tight
+    critical_mb: int = live(32)  # headroom below this: memory state critical
+    psi_tight: float = live(10.0)  # PSI some avg10 (%) at which memory is tight
+    psi_critical: float = live(5.0)  # PSI full avg10 (%) at which memory is critical
+    load_factor: float = live(1.3)  # a model needs this many times its file size to load
 
     def validate(self) -> list[str]:
         errs = []

@@ -199,14 +199,9 @@ class Progress:
         s = self.scheduler_ref()
         if s is None:  # starting, stopping, or between restarts of the scheduler
             return True
-        thread = getattr(s, "_thread", None)
-        if thread is not None and thread.ident is not None and not thread.is_alive():
+        if not s.worker_alive:
             return False
-        running = getattr(s, "running", None)
-        if running is None:
+        if not s.running:
             return True
-        if running is not self._job:  # a new job started: its clock starts now (prefill)
-            self._job = running
-            self.last = time.monotonic()
-            return True
-        return time.monotonic() - self.last < self.stall_s
+        # A job that just started is prefilling: its clock starts then, not at the last token.
+        return time.monotonic() - max(self.last, s.progressed) < self.stall_s

@@ -101,12 +101,11 @@ class ThrottledRunner(Runner):
             if self.mode == "rebuild" and n != self._built_threads:
                 self._pending = n
 
-    def sequence(self, capacity: int, max_capacity: int | None = None):
+    def refresh(self) -> None:
         with self._lock:
             if self._pending is not None:
                 self._rebuild(self._pending)
                 self._pending = None
-        return super().sequence(capacity, max_capacity)
 
     def _rebuild(self, n: int) -> None:
         cfg = dataclasses.replace(self.config, threads=n)

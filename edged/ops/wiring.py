@@ -3,10 +3,9 @@
     from edged.ops.wiring import attach
     attach(server)          # before server.serve()
 
-Uses only the server's seams: lifecycle callback lists, `server.governor`
-(status provider), `scheduler.admission_hooks` / `token_hooks` and the
-scheduler's `loader` (wrapped so a reloaded model is checked against the memory
-headroom and gets the throttled runner too).
+Uses only public parts of the server: its lifecycle callback lists,
+`server.governor` (status provider), and the scheduler's hooks (admission,
+token, before a model load, when an engine is installed) and `unload_if_idle()`.
 """
 
 from __future__ import annotations
@@ -44,36 +43,27 @@ class Ops:
         return head
 
     # -- engine -------------------------------------------------------------------
-    def prepare_engine(self, engine):
+    def engine_installed(self, engine) -> None:
+        """Each engine the scheduler installs (at start and after an idle unload) gets the
+        throttled runner; the governor samples at once, since the load just took the model's
+        size out of the headroom and the next admission must not judge against a stale figure."""
         gov = self.governor
         if gov is None:
-            return engine
+            return
         self.runner = throttle_engine(engine)
         self.runner.set_threads(gov.threads)
         gov.kv_bytes_per_token = engine.info.kv_bytes(1)
-        return engine
+        gov.update()
 
-    def wrap_loader(self, sched) -> None:
-        orig = sched.loader
-
-        def loader():
-            size = self.server.model_info.get("size")
-            if self.governor is not None and size:
-                self.governor.update()
-                self.governor.check_load(int(size))  # InsufficientMemory -> error frame, no OOM
-            engine = self.prepare_engine(orig())
-            if self.governor is not None:
-                # The load just took the model's size out of the headroom: sample now, or the
-                # next admission judges a KV cache against the pre-load figure (up to one
-                # interval stale) and may admit one that does not fit.
-                self.governor.update()
-            return engine
-
-        sched.loader = loader
+    def before_load(self) -> None:
+        size = self.server.model_info.get("size")
+        if self.governor is not None and size:
+            self.governor.update()
+            self.governor.check_load(int(size))  # InsufficientMemory -> error frame, no OOM
 
     # -- scheduler hooks ------------------------------------------------------------
     def admission(self, job):
-        gov, gen = self.governor, job.frame.gen
+        gov, gen = self.governor, job.request
         if gov is None or gen is None:
             return None
         gov.limit_options(gen.options)
@@ -99,9 +89,10 @@ class Ops:
         if self.admission not in sched.admission_hooks:
             sched.admission_hooks.append(self.admission)
             sched.token_hooks.append(self.token)
-            self.wrap_loader(sched)
+            sched.load_hooks.append(self.before_load)
+            sched.engine_hooks.append(self.engine_installed)
         if sched.engine is not None:
-            self.prepare_engine(sched.engine)
+            self.engine_installed(sched.engine)
         if self.governor is not None:
             self.governor.start()
         self.notifier.ready(self.status_text())
@@ -131,25 +122,20 @@ class Ops:
 
     def _unload_if_idle(self) -> None:
         sched = self.server.scheduler
-        if sched is None or sched.engine is None:
-            return
-        with sched._cv:
-            if sched.running is None and not sched._heap and sched.engine is not None:
-                log.warning("memory critical: unloading the idle model (%s)", self.governor.memory_cause)
-                sched._unload()
+        if sched is not None and sched.unload_if_idle():
+            log.warning("memory critical: unloaded the idle model (%s)", self.governor.memory_cause)
 
     def _publish(self, change: Change) -> None:
+        gov = self.governor.status()
+        telemetry = {"governor": gov, "change": change.__dict__}
+        info = {"governor": {"level": gov["level"], "memory": gov["memory"], "cause": gov["cause"]}}
         for t in list(self.server.transports):
-            if getattr(t, "name", "") != "mqtt" or not t.connected.is_set():
+            if not hasattr(t, "announce"):
                 continue
             try:
-                gov = self.governor.status()
-                t.client.publish(t.telemetry_topic, json.dumps({"governor": gov, "change": change.__dict__,
-                                                                "time": time.time()}), qos=0)
-                t.client.publish(t.info_topic, json.dumps({**t.birth(), "governor": {
-                    "level": gov["level"], "memory": gov["memory"], "cause": gov["cause"]}}), qos=1, retain=True)
+                t.announce(telemetry, info)
             except Exception:
-                log.debug("MQTT: could not publish the governor change", exc_info=True)
+                log.debug("%s: could not announce the governor change", t.name, exc_info=True)
 
 
 def attach(server, *, governor: Governor | None = None, notifier: Notifier | None = None,
@@ -169,13 +155,12 @@ def attach(server, *, governor: Governor | None = None, notifier: Notifier | Non
     server.on_reloading.append(ops.on_reloading)
     server.on_reloaded.append(ops.on_reloaded)
     server.on_stopping.append(ops.on_stopping)
-    server.ops = ops
     _use_journal(server)
     return ops
 
 
 class _JournalFields(logging.Filter):
-    """MODEL and REQUEST_ID journal fields (journalctl -u edged REQUEST_ID=42)."""
+    """The MODEL journal field on every record (the scheduler adds REQUEST_ID to its own)."""
 
     def __init__(self, server):
         super().__init__()
@@ -184,10 +169,6 @@ class _JournalFields(logging.Filter):
     def filter(self, record) -> bool:
         s = self.server
         record.MODEL = s.model_info.get("name") or s.config.model
-        sched = s.scheduler
-        job = sched.running if sched is not None else None
-        if job is not None and record.threadName == "edged-worker":
-            record.REQUEST_ID = str(job.id)
         return True
 
 

@@ -19,8 +19,10 @@ from typing import Any
 
 import yaml
 
+from edged.engine.runner import EngineConfig
 from edged.errors import ConfigError
 from edged.ops.governor import GovernorConfig
+from edged.settings import is_live, live
 
 
 def default_socket_path() -> str:
@@ -34,27 +36,14 @@ def default_socket_path() -> str:
 
 
 @dataclass(kw_only=True)
-class EngineSection:
-    """onnxruntime settings (edged.engine.runner.EngineConfig; docs/engine.md)."""
-
-    spinning: bool = False  # onnxruntime's unbounded busy-waiting: off, it keeps cores busy between requests
-    spin_duration_us: int = 200  # bounded busy-wait between ops of one run; 0 = sleep at once
-    graph_optimization: str = "all"  # disabled | basic | extended | all
-    memory_arena: bool = True
-    prefill_chunk: int = 64  # prompt tokens per run: bounds a long prompt's scratch memory
-    verify: str = "fast"  # model file check on load: fast | full | none
-
-
-@dataclass(kw_only=True)
 class SocketConfig:
     enabled: bool = True
     path: str | None = None  # None = default_socket_path()
     mode: int = 0o660
     owner: str | None = None  # user name or uid; None = the daemon's
     group: str | None = None
-    allow_uids: list[int] | None = None  # None = anyone the file mode lets in
-    allow_gids: list[int] | None = None
-    max_line_bytes: int = 1 << 20
+    allow_uids: list[int] | None = live(None)  # None = anyone the file mode lets in
+    allow_gids: list[int] | None = live(None)
 
     def __post_init__(self):
         if self.path is None:
@@ -80,8 +69,7 @@ class MqttConfig:
     shared_group: str | None = None  # also take requests from $share/<group>/<prefix>/+/request
     pool_topic: str | None = None  # or from this topic (subscribed as $share/<shared_group>/... when set)
     qos: int = 1
-    telemetry_interval: float = 30.0  # seconds; 0 = off
-    max_payload_bytes: int = 256 * 1024
+    telemetry_interval: float = live(30.0)  # seconds; 0 = off
     dedup_size: int = 1024  # request ids remembered against QoS 1 redelivery
     reconnect_min_delay: float = 1.0
     reconnect_max_delay: float = 30.0
@@ -95,19 +83,19 @@ class MqttConfig:
 class Config:
     model: str = "smollm2-135m"
     models_dir: str | None = None  # None = $EDGED_HOME/models
-    threads: int | None = None  # None = physical cores
-    keep_alive: float = 300.0  # seconds idle before the model is unloaded; -1 = never, 0 = after each request
-    queue_size: int = 16  # waiting requests (not counting the one running)
+    keep_alive: float = live(300.0)  # seconds idle before the model is unloaded; -1 = never, 0 = after each request
+    queue_size: int = live(16)  # waiting requests (not counting the running ones)
     batch_size: int = 4  # requests decoded together (continuous batching); 1 = one at a time
-    max_prompt_chars: int = 32_000
-    default_timeout: float | None = None  # seconds; a request's deadline unless it sets its own
-    shutdown_grace: float = 10.0  # seconds in-flight work may finish after SIGTERM
-    retry_after_ms: int = 1000  # hint in busy errors when no better estimate exists
-    log_level: str = "info"
+    max_request_bytes: int = live(256 * 1024)  # one request on any transport (a socket line, an MQTT payload)
+    max_prompt_chars: int = live(32_000)
+    default_timeout: float | None = live(None)  # seconds; a request's deadline unless it sets its own
+    shutdown_grace: float = live(10.0)  # seconds in-flight work may finish after SIGTERM
+    retry_after_ms: int = live(1000)  # hint in busy errors when no better estimate exists
+    log_level: str = live("info")
     socket: SocketConfig = field(default_factory=SocketConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)  # thermal/memory governor (edged/ops)
-    engine: EngineSection = field(default_factory=EngineSection)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # onnxruntime settings (docs/engine.md)
     source: str | None = None  # the file this came from (for SIGHUP reload and messages)
 
     def __post_init__(self):
@@ -143,29 +131,23 @@ class Config:
         return self.mqtt.client_id or f"edged-{self.mqtt.node}"
 
 
-# Keys that a running daemon applies on SIGHUP; anything else is logged as needing a restart.
-LIVE_KEYS = {
-    "keep_alive",
-    "queue_size",
-    "max_prompt_chars",
-    "default_timeout",
-    "shutdown_grace",
-    "retry_after_ms",
-    "log_level",
-    "socket.allow_uids",
-    "socket.allow_gids",
-    "socket.max_line_bytes",
-    "mqtt.telemetry_interval",
-    "mqtt.max_payload_bytes",
-    *(f"governor.{k}" for k in ("warm_c", "hot_c", "critical_c", "hysteresis_c", "threads", "duty", "token_cap",
-                                "retry_after_ms", "reserve_mb", "memory_limit_mb", "tight_mb", "critical_mb",
-                                "psi_tight", "psi_critical", "load_factor")),
-}
+def live_keys(cls: type = None, prefix: str = "") -> set[str]:
+    """Dotted keys that a running daemon applies on SIGHUP (fields made with `live()`)."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= live_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif is_live(f):
+            out.add(f"{prefix}{f.name}")
+    return out
+
 
 # Environment overrides for the common keys.
 ENV_KEYS = {
     "EDGED_MODEL": "model",
-    "EDGED_THREADS": "threads",
+    "EDGED_THREADS": "engine.threads",
     "EDGED_KEEP_ALIVE": "keep_alive",
     "EDGED_SOCKET": "socket.path",
     "EDGED_MQTT": "mqtt.enabled",
@@ -223,7 +205,10 @@ def _build(cls, data: dict, where: str, prefix: str) -> dict:
                 value = {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {name!r} must be a mapping", key=name, file=where)
-            out[key] = hint(**_build(hint, value, where, prefix=f"{name}."))
+            try:
+                out[key] = hint(**_build(hint, value, where, prefix=f"{name}."))
+            except ValueError as e:  # the section's own validation (e.g. EngineConfig)
+                raise ConfigError(f"{where}: {name!r}: {e}", key=name, file=where) from None
         else:
             out[key] = _coerce(value, hint, name, where)
     return out
@@ -284,17 +269,6 @@ def _check_values(cfg: Config, where: str) -> None:
     def bad(key, msg):
         raise ConfigError(f"{where}: {key!r} {msg}", key=key, file=where)
 
-    if cfg.engine.graph_optimization not in ("disabled", "basic", "extended", "all"):
-        bad("engine.graph_optimization", "must be one of disabled, basic, extended, all")
-    if cfg.engine.verify not in ("fast", "full", "none"):
-        bad("engine.verify", "must be one of fast, full, none")
-    if cfg.engine.spin_duration_us < 0:
-        bad("engine.spin_duration_us", "must be >= 0")
-    if cfg.engine.prefill_chunk < 1:
-        bad("engine.prefill_chunk", "must be >= 1")
-
-    if cfg.threads is not None and cfg.threads < 1:
-        bad("threads", "must be >= 1")
     if cfg.queue_size < 0:
         bad("queue_size", "must be >= 0")
     if cfg.batch_size < 1:
@@ -307,8 +281,8 @@ def _check_values(cfg: Config, where: str) -> None:
         bad("log_level", "must be debug, info, warning or error")
     if not 0 <= cfg.socket.mode <= 0o777:
         bad("socket.mode", "must be a file mode such as 0660")
-    if cfg.socket.max_line_bytes < 1024:
-        bad("socket.max_line_bytes", "must be >= 1024")
+    if cfg.max_request_bytes < 1024:
+        bad("max_request_bytes", "must be >= 1024")
     m = cfg.mqtt
     if not 0 < m.port < 65536:
         bad("mqtt.port", "must be between 1 and 65535")

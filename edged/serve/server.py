@@ -1,33 +1,31 @@
 """The daemon: load model -> open transports -> ready; stop.
 
-One `Config` flows in; transports hand validated frames to `Server.handle`,
-which answers the small ops itself and queues generations on the scheduler;
-frames flow back through the `emit` callable the transport passed in.
+One `Config` flows in. Every transport hands the raw bytes of a request and a
+`Peer` (its requester) to `Server.receive`, the one receive path: it applies
+the size limit, decodes and validates, answers errors, answers the small ops
+itself and queues generations on the scheduler. Frames flow back through the
+peer. Transports never touch the scheduler.
 
-Seams for the edge-operations work (governor, sd_notify):
-- lifecycle callbacks: `on_ready`, `on_reloading`, `on_reloaded`, `on_stopping`
-  (lists of callables taking the server);
-- `status()` is the status dict provider; `governor` (None for now) is any
-  object with a `status() -> dict` method, reported as `status()["governor"]`;
-- `scheduler.admission_hooks` / `scheduler.token_hooks` (see scheduler.py).
+Lifecycle callbacks (`on_ready`, `on_reloading`, `on_reloaded`, `on_stopping`:
+lists of callables taking the server) and `governor` (any object with
+`status() -> dict`) are how edged/ops attaches the governor and systemd.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any, Callable
 
-from edged import __version__
+from edged import __version__, protocol
 from edged.errors import ConfigError, EdgedError, ModelNotFound, ShuttingDown
-from edged.serve import protocol
-from edged.serve.config import LIVE_KEYS, Config
-from edged.serve.protocol import Frame
-from edged.serve.scheduler import Emit, Job, Scheduler
+from edged.protocol import Frame, Peer
+from edged.serve.config import Config, live_keys
+from edged.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger("edged.server")
 
@@ -36,7 +34,6 @@ class Server:
     def __init__(self, config: Config, *, store=None, engine=None):
         self.config = config
         self.store = store  # a ModelStore; None = from config.models_dir / EDGED_HOME
-        self._engine = engine  # a preloaded engine (tests, benchmarks)
         self.on_ready: list[Callable[[Server], Any]] = []
         self.on_reloading: list[Callable[[Server], Any]] = []
         self.on_reloaded: list[Callable[[Server], Any]] = []
@@ -48,6 +45,7 @@ class Server:
         self.model_info: dict = {}
         self.ready = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._engine = engine  # a preloaded engine (tests, benchmarks); the scheduler owns it once started
         self._stop: asyncio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -68,12 +66,13 @@ class Server:
                     self.loop.remove_signal_handler(sig)
 
     async def startup(self) -> None:
-        from edged.transports.mqtt import MqttTransport
-        from edged.transports.unix import UnixTransport
+        from edged.transports import enabled_transports
 
         cfg = self.config
         self.loop = self.loop or asyncio.get_running_loop()
+        self._stop = self._stop or asyncio.Event()
         engine = self._engine or await self.loop.run_in_executor(None, self._load_engine)
+        self._engine = None
         self.model_info = engine.describe()
         log.info("model %s loaded (%s, %d threads)", engine.model.name, self.model_info["quantization"], self.model_info["threads"])
         self.scheduler = Scheduler(
@@ -84,12 +83,8 @@ class Server:
             engine=engine,
             batch_size=cfg.batch_size,
         )
-        self._engine = None  # the scheduler owns it now (and may unload it)
         self.scheduler.start()
-        if cfg.socket.enabled:
-            self.transports.append(UnixTransport(self))
-        if cfg.mqtt.enabled:
-            self.transports.append(MqttTransport(self))
+        self.transports = enabled_transports(self)
         for t in self.transports:
             await t.start()
         self.ready = True
@@ -117,7 +112,7 @@ class Server:
         log.info("stopped")
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the config file; apply what can change live."""
+        """SIGHUP: re-read the config file; apply the keys marked live, report the rest."""
         if self.config.source is None:
             log.info("SIGHUP: no config file to reload")
             return
@@ -130,32 +125,22 @@ class Server:
             return
         old_flat, new_flat = _flatten(self.config.to_dict()), _flatten(new.to_dict())
         changed = sorted(k for k in new_flat if new_flat[k] != old_flat.get(k))
-        live = [k for k in changed if k in LIVE_KEYS]
-        later = [k for k in changed if k not in LIVE_KEYS]
-        new.source = self.config.source
-        # Live keys take effect; the rest stays as running until a restart.
-        merged = self.config
-        for key in live:
+        live = live_keys()
+        applied = [k for k in changed if k in live]
+        later = [k for k in changed if k not in live]
+        for key in applied:
             section, _, leaf = key.rpartition(".")
-            obj_new = getattr(new, section) if section else new
-            obj_old = getattr(merged, section) if section else merged
-            setattr(obj_old, leaf, getattr(obj_new, leaf))
+            setattr(getattr(self.config, section) if section else self.config, leaf,
+                    getattr(getattr(new, section) if section else new, leaf))
+        cfg = self.config
         if self.scheduler is not None:
-            self.scheduler.queue_size = merged.queue_size
-            self.scheduler.keep_alive = merged.keep_alive
-            self.scheduler.retry_after_ms = merged.retry_after_ms
-            with self.scheduler._cv:
-                self.scheduler._cv.notify_all()  # a new keep_alive re-arms the idle timer
-        logging.getLogger("edged").setLevel(merged.log_level.upper())
-        if live:
-            log.info("reloaded: applied %s", ", ".join(live))
-        else:
-            log.info("reloaded: nothing to change")
+            self.scheduler.reconfigure(queue_size=cfg.queue_size, keep_alive=cfg.keep_alive, retry_after_ms=cfg.retry_after_ms)
+        logging.getLogger("edged").setLevel(cfg.log_level.upper())
+        log.info("reloaded: %s", f"applied {', '.join(applied)}" if applied else "nothing to change")
         if later:
             log.warning("reloaded: %s changed but need a restart to take effect", ", ".join(later))
         for t in self.transports:
-            if hasattr(t, "reconfigure"):
-                t.reconfigure()
+            t.reconfigure()
         self._fire(self.on_reloaded)
 
     def _fire(self, callbacks) -> None:
@@ -166,57 +151,73 @@ class Server:
                 log.exception("lifecycle callback %r failed", cb)
 
     def _load_engine(self):
-        from edged.engine.engine import Engine
-        from edged.engine.runner import EngineConfig
+        from edged.models.loading import load_engine
         from edged.models.store import ModelStore
 
         store = self.store
         if store is None:
-            from pathlib import Path
-
             store = ModelStore(Path(self.config.models_dir)) if self.config.models_dir else ModelStore()
-        engine_cfg = EngineConfig(threads=self.config.threads, **dataclasses.asdict(self.config.engine))
-        return Engine.load(self.config.model, config=engine_cfg, store=store)
+        return load_engine(self.config.model, config=self.config.engine, store=store)
 
     # -- requests (called by transports, from any thread) -----------------------
-    def handle(self, frame: Frame, emit: Emit, *, scope: str, deadline: float | None = None) -> None:
-        """Answer or queue one validated frame. Always leads to exactly one final
-        frame through `emit` (for generations, possibly after deltas)."""
+    def receive(self, data: bytes, peer: Peer) -> None:
+        """The one receive path. Always leads to exactly one final frame through
+        `peer.send` (for generations possibly after deltas), unless the peer's
+        `admit` says the transport answered already."""
+        obj = None
         try:
-            if frame.op in protocol.GEN_OPS:
-                self._submit(frame, emit, scope, deadline)
-            elif frame.op == "cancel":
-                ok = self.scheduler.cancel(scope, frame.target) if self.scheduler else False
-                emit(protocol.reply_frame(frame.id, {"target": frame.target, "cancelled": ok}), True)
-            elif frame.op == "status":
-                emit(protocol.reply_frame(frame.id, {"status": self.status()}), True)
-            elif frame.op == "health":
-                emit(protocol.reply_frame(frame.id, {"health": "ok" if self.ready else "starting"}), True)
-            elif frame.op == "models":
-                emit(protocol.reply_frame(frame.id, {"models": self.models()}), True)
+            obj = protocol.decode(data, limit=self.config.max_request_bytes)
+            peer.route(obj)
+            frame = protocol.parse(obj, default_stream=peer.default_stream, default_op=peer.default_op,
+                                   max_prompt_chars=self.config.max_prompt_chars)
         except EdgedError as e:
-            emit(protocol.error_frame(frame.id, e), True)
+            peer.send(protocol.error_frame(protocol.peek_id(obj), e), True)
+            return
+        if not peer.admit(frame):
+            return
+        try:
+            self._dispatch(frame, peer)
+        except EdgedError as e:
+            peer.send(protocol.error_frame(frame.id, e), True)
 
-    def _submit(self, frame: Frame, emit: Emit, scope: str, deadline: float | None) -> None:
+    def cancel_all(self, scope: str) -> int:
+        """Cancel what a requester that went away had queued or running."""
+        return self.scheduler.cancel_scope(scope) if self.scheduler is not None else 0
+
+    def _dispatch(self, frame: Frame, peer: Peer) -> None:
+        if frame.op in protocol.GEN_OPS:
+            self._submit(frame, peer)
+        elif frame.op == "cancel":
+            ok = self.scheduler.cancel(peer.scope, frame.target) if self.scheduler else False
+            peer.send(protocol.reply_frame(frame.id, {"target": frame.target, "cancelled": ok}), True)
+        elif frame.op == "status":
+            peer.send(protocol.reply_frame(frame.id, {"status": self.status()}), True)
+        elif frame.op == "health":
+            peer.send(protocol.reply_frame(frame.id, {"health": "ok" if self.ready else "starting"}), True)
+        elif frame.op == "models":
+            peer.send(protocol.reply_frame(frame.id, {"models": self.models()}), True)
+
+    def _submit(self, frame: Frame, peer: Peer) -> None:
         sched = self.scheduler
         if sched is None:
             raise ShuttingDown("the daemon is shutting down")
         name = self.model_info.get("name")
         if frame.model is not None and frame.model != name and frame.model.split(":")[0] != name:
             raise ModelNotFound(f"model {frame.model!r} is not loaded; this daemon serves {name!r}", field="model")
+        deadlines = [d for d in (peer.deadline,) if d is not None]
         if frame.timeout_ms is not None:
-            d = time.monotonic() + frame.timeout_ms / 1000
-            deadline = d if deadline is None else min(deadline, d)
-        elif deadline is None and self.config.default_timeout:
-            deadline = time.monotonic() + self.config.default_timeout
-        sched.submit(Job(frame=frame, emit=emit, scope=scope, deadline=deadline))
+            deadlines.append(time.monotonic() + frame.timeout_ms / 1000)
+        elif not deadlines and self.config.default_timeout:
+            deadlines.append(time.monotonic() + self.config.default_timeout)
+        job = Job(request=frame.gen, sink=Replies(self, peer, frame), scope=peer.scope, rid=frame.id,
+                  priority=frame.priority, deadline=min(deadlines) if deadlines else None)
+        sched.submit(job)
 
     # -- status ----------------------------------------------------------------
     def status(self) -> dict:
         s = self.scheduler
-        running = s.running if s else None
         info = self.model_info
-        gov = self.governor.status() if self.governor is not None and hasattr(self.governor, "status") else None
+        gov = self.governor.status() if self.governor is not None else None
         return {
             "version": __version__,
             "model": info.get("name"),
@@ -227,7 +228,7 @@ class Server:
             "keep_alive": self.config.keep_alive,
             "queue_depth": s.depth if s else 0,
             "queue_size": self.config.queue_size,
-            "in_flight": running.id if running is not None else None,
+            "in_flight": s.running if s else 0,
             "tokens_per_second": s.tokens_per_second() if s else None,
             "requests_completed": s.completed if s else 0,
             "uptime_s": round(time.monotonic() - self.started, 1),
@@ -240,6 +241,33 @@ class Server:
         info = dict(self.model_info)
         info["loaded"] = bool(self.scheduler and self.scheduler.engine is not None)
         return [info]
+
+
+class Replies:
+    """A job's sink: turns the scheduler's deltas and end into frames for the peer.
+    A peer that fails to take a frame never reaches into the batch."""
+
+    def __init__(self, server: Server, peer: Peer, frame: Frame):
+        self.server = server
+        self.peer = peer
+        self.frame = frame
+
+    def _send(self, out: dict, final: bool) -> None:
+        try:
+            self.peer.send(out, final)
+        except Exception:
+            log.exception("sending a reply to %s failed", self.peer.scope)
+
+    def delta(self, job: Job, text: str) -> None:
+        if self.frame.stream:
+            self._send(protocol.delta_frame(self.frame.id, text, job.tokens), False)
+
+    def done(self, job: Job, text: str, stats: dict) -> None:
+        model = self.server.model_info.get("name") or ""
+        self._send(protocol.final_frame(self.frame.id, model=model, text=text, stats=stats, chat=self.frame.op == "chat"), True)
+
+    def failed(self, job: Job, error: Exception) -> None:
+        self._send(protocol.error_frame(self.frame.id, error), True)
 
 
 def rss_bytes() -> int | None:
@@ -262,10 +290,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def run(config: Config, **kwargs) -> int:
     """Blocking entry point for `edged serve`."""
-    server = Server(config, **kwargs)
     from edged.ops.wiring import attach
 
+    server = Server(config, **kwargs)
     attach(server)  # governor + sd_notify/watchdog/journald (no-ops outside systemd)
     asyncio.run(server.serve())
     return 0
-

@@ -2,7 +2,7 @@
 
 Topics (prefix `edged`, node = hostname by default):
     <prefix>/<node>/request    requests in (QoS 1)
-    <prefix>/<node>/cancel     {"id": "..."} cancels a queued or running request
+    <prefix>/<node>/cancel     {"id": "..."} cancels the sender's own queued or running request
     <prefix>/<node>/status     retained "online"; "offline" is the last will
     <prefix>/<node>/info       retained birth payload (model, quantization, ...)
     <prefix>/<node>/telemetry  periodic queue depth, tokens/s, memory, governor
@@ -11,7 +11,8 @@ Topics (prefix `edged`, node = hostname by default):
 Replies go to the request's Response Topic with its Correlation Data echoed
 (MQTT 5), or to `reply_to` from the JSON payload (3.1.1). One final message by
 default; with "stream": true, delta messages first. Frames are the socket's
-(edged/serve/protocol.py).
+(edged/protocol.py). Each message's requester is a `Peer` named by its reply
+topic: ids, duplicates and cancels are per reply topic.
 
 Delivery: fixed client id, clean_start false and a session expiry, so the
 broker queues requests while we restart. Messages are acknowledged by hand
@@ -36,9 +37,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edged import __version__
-from edged.errors import EdgedError, PayloadTooLarge, RequestError
-from edged.serve import protocol
+from edged import __version__, protocol
+from edged.errors import RequestError
 
 log = logging.getLogger("edged.mqtt")
 
@@ -65,6 +65,10 @@ class MqttTransport:
         self._recent_lock = threading.Lock()
         self._telemetry: asyncio.Task | None = None
         self.client = self._make_client()
+
+    @staticmethod
+    def enabled(config) -> bool:
+        return config.mqtt.enabled
 
     @property
     def cfg(self):
@@ -98,6 +102,7 @@ class MqttTransport:
         c.reconnect_delay_set(min_delay=max(1, int(cfg.reconnect_min_delay)), max_delay=max(1, int(cfg.reconnect_max_delay)))
         c.max_queued_messages_set(0)  # replies made while the broker is away wait here, then go out
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         return c
@@ -148,7 +153,7 @@ class MqttTransport:
         return {"broker": f"{self.cfg.host}:{self.cfg.port}", "connected": self.connected.is_set(), "node": self.cfg.node}
 
     def reconfigure(self) -> None:
-        pass  # live keys (telemetry_interval, max_payload_bytes) are read on use
+        pass  # telemetry_interval is read on use
 
     # -- paho callbacks (paho's network thread) ----------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -163,6 +168,11 @@ class MqttTransport:
         client.subscribe([(t, qos) for t in self.subscriptions()] + [(self.cancel_topic, qos)])
         client.publish(self.status_topic, "online", qos=1, retain=True)
         client.publish(self.info_topic, json.dumps(self.birth()), qos=1, retain=True)
+
+    def _on_connect_fail(self, client, userdata):
+        cfg = self.cfg
+        log.warning("MQTT: cannot connect to the broker at %s:%d; retrying every %d-%d s", cfg.host, cfg.port,
+                    max(1, int(cfg.reconnect_min_delay)), max(1, int(cfg.reconnect_max_delay)))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self.connected.is_set() and self.accepting:
@@ -185,79 +195,51 @@ class MqttTransport:
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next run
         try:
-            if msg.topic == self.cancel_topic:
-                self._cancel(msg.payload)
-            else:
-                self._request(msg)
+            self.server.receive(msg.payload, Requester(self, msg, cancel=msg.topic == self.cancel_topic))
         except Exception:
             log.exception("MQTT: failed to handle a message on %s", msg.topic)
         if msg.qos > 0:
             client.ack(msg.mid, msg.qos)
 
-    def _cancel(self, payload: bytes) -> None:
-        try:
-            obj = json.loads(payload)
-            rid = obj.get("id", obj.get("target")) if isinstance(obj, dict) else obj
-        except ValueError:
-            rid = payload.decode(errors="replace").strip()
-        if rid is not None and self.server.scheduler:
-            ok = self.server.scheduler.cancel_any(rid, "mqtt:")
-            log.info("MQTT: cancel %r: %s", rid, "done" if ok else "not found")
-
-    def _request(self, msg) -> None:
-        props = msg.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props else None
-        corr = getattr(props, "CorrelationData", None) if props else None
-        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
-        reply = Reply(self, response_topic, corr)
-        obj = None
-        try:
-            limit = self.cfg.max_payload_bytes
-            if len(msg.payload) > limit:
-                raise PayloadTooLarge(f"payload is {len(msg.payload)} bytes, limit {limit}")
-            obj = protocol.decode(msg.payload)
-            if reply.topic is None and isinstance(obj.get("reply_to"), str):
-                reply.topic = obj["reply_to"]
-            frame = protocol.parse(obj, default_stream=False, max_prompt_chars=self.server.config.max_prompt_chars)
-        except EdgedError as e:
-            reply.send(protocol.error_frame(protocol.peek_id(obj) or reply.corr_id, e), True)
-            return
-        if frame.reply_to and reply.topic is None:
-            reply.topic = frame.reply_to
-        if reply.topic is None:
-            reply.send(protocol.error_frame(frame.id, RequestError(
-                "no reply address: set the MQTT 5 Response Topic or 'reply_to' in the payload", field="reply_to")), True)  # fmt: skip
-            return
-        if frame.id is None and reply.corr_id is not None:
-            frame.id = reply.corr_id  # so it can be cancelled and deduplicated
-        key = None if frame.id is None else (reply.topic, frame.key)
-        if key is not None and frame.op in protocol.GEN_OPS:
-            with self._recent_lock:
-                seen = self._recent.get(key)
-                if seen is None:
-                    self._recent[key] = _RUNNING
-                    while len(self._recent) > self.cfg.dedup_size:
-                        self._recent.popitem(last=False)
-            if seen is _RUNNING:
-                log.info("MQTT: duplicate of running request %r ignored", frame.id)
-                return
-            if seen is not None:
-                log.info("MQTT: duplicate of finished request %r: re-sending its result", frame.id)
-                reply.send(seen, True)
-                return
-            reply.key = key
-        deadline = time.monotonic() + expiry if expiry else None
-        # Ids are per device (reply topic): two devices may both use id 1.
-        self.server.handle(frame, reply.send, scope=f"mqtt:{reply.topic}", deadline=deadline)
+    def admit(self, peer: "Requester", frame: protocol.Frame) -> bool:
+        """Deduplicate QoS 1 redeliveries of generations: a copy of a running request is
+        dropped, a copy of a finished one gets the stored final frame again."""
+        if frame.id is None and peer.corr_id is not None:
+            frame.id = peer.corr_id  # so it can be cancelled and deduplicated
+        if frame.id is None or frame.op not in protocol.GEN_OPS:
+            return True
+        key = (peer.topic, frame.key)
+        with self._recent_lock:
+            seen = self._recent.get(key)
+            if seen is None:
+                self._recent[key] = _RUNNING
+                while len(self._recent) > self.cfg.dedup_size:
+                    self._recent.popitem(last=False)
+        if seen is _RUNNING:
+            log.info("MQTT: duplicate of running request %r ignored", frame.id)
+            return False
+        if seen is not None:
+            log.info("MQTT: duplicate of finished request %r: re-sending its result", frame.id)
+            peer.send(seen, True)
+            return False
+        peer.key = key
+        return True
 
     def remember(self, key, final: dict) -> None:
         with self._recent_lock:
             if key not in self._recent:
                 return
-            if final.get("error", {}).get("code") in ("busy", "shutting_down"):
-                del self._recent[key]  # not run: a retry with the same id must run
+            if "error" in final:
+                del self._recent[key]  # only answers are kept: a retry after an error runs again
             else:
                 self._recent[key] = final
+
+    def announce(self, telemetry: dict, info: dict) -> None:
+        """Publish an event on the telemetry topic and refresh the retained info with `info` added."""
+        if not self.connected.is_set():
+            return
+        self.client.publish(self.telemetry_topic, json.dumps({**telemetry, "time": time.time()}), qos=0)
+        self.client.publish(self.info_topic, json.dumps({**self.birth(), **info}), qos=1, retain=True)
 
     async def _telemetry_loop(self) -> None:
         while True:
@@ -280,20 +262,39 @@ def _nodelay(client) -> None:
         pass  # TLS wrapper or a non-TCP transport
 
 
-class Reply:
-    """Where one request's frames go: topic + correlation data."""
+class Requester(protocol.Peer):
+    """Where one message's frames go: its reply topic and correlation data."""
 
-    def __init__(self, t: MqttTransport, topic: str | None, corr: bytes | None):
+    default_stream = False
+
+    def __init__(self, t: MqttTransport, msg, *, cancel: bool = False):
+        props = msg.properties
         self.t = t
-        self.topic = topic
-        self.corr = corr
+        self.topic: str | None = getattr(props, "ResponseTopic", None) if props else None
+        self.corr: bytes | None = getattr(props, "CorrelationData", None) if props else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        self.deadline = time.monotonic() + expiry if expiry else None
+        self.default_op = "cancel" if cancel else None
         self.key = None
         try:
-            self.corr_id = corr.decode() if corr else None
+            self.corr_id = self.corr.decode() if self.corr else None
         except UnicodeDecodeError:
-            self.corr_id = corr.hex()
+            self.corr_id = self.corr.hex()
+        self.scope = f"mqtt:{self.topic}"
+
+    def route(self, obj: dict) -> None:
+        if self.topic is None and isinstance(obj.get("reply_to"), str):
+            self.topic = obj["reply_to"]
+        if self.topic is None:
+            raise RequestError("no reply address: set the MQTT 5 Response Topic or 'reply_to' in the payload", field="reply_to")
+        self.scope = f"mqtt:{self.topic}"
+
+    def admit(self, frame: protocol.Frame) -> bool:
+        return self.t.admit(self, frame)
 
     def send(self, frame: dict, final: bool) -> None:
+        if frame.get("id") is None and self.corr_id is not None:
+            frame = {**frame, "id": self.corr_id}
         if final and self.key is not None:
             self.t.remember(self.key, frame)
         topic = self.topic or self.t.error_topic

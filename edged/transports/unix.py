@@ -1,9 +1,10 @@
 """JSON Lines over a Unix stream socket (docs/protocol.md).
 
-Each connection may send many requests; frames for them come back interleaved,
-each tagged with its request `id`. A client that disconnects cancels what it
-submitted (the worker stops at the next token). A client that only half-closes
-(`socat`, `nc -N` after stdin ends) still gets its answers.
+Each connection is one requester (a `Peer`) and may send many requests; frames
+for them come back interleaved, each tagged with its request `id`. A client that
+disconnects cancels what it submitted (the worker stops at the next token). A
+client that only half-closes (`socat`, `nc -N` after stdin ends) still gets its
+answers.
 """
 
 from __future__ import annotations
@@ -18,29 +19,21 @@ import select
 import socket
 import stat
 import struct
+import threading
 from pathlib import Path
 
+from edged import protocol
 from edged.errors import EdgedError, PayloadTooLarge, PermissionDenied
-from edged.serve import protocol
+from edged.ops.systemd import listen_fds
 
 log = logging.getLogger("edged.unix")
 
-SD_LISTEN_FDS_START = 3
-
-
 def inherited_socket() -> socket.socket | None:
     """The listening socket systemd passed us (socket activation), if any."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+    fds = listen_fds()
+    if not fds:
         return None
-    try:
-        n = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return None
-    if n < 1:
-        return None
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)  # not for our children
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    sock = socket.socket(fileno=fds[0])
     sock.setblocking(False)
     return sock
 
@@ -56,9 +49,16 @@ class UnixTransport:
         self.activated = False
         self.path: str | None = None
 
+    @staticmethod
+    def enabled(config) -> bool:
+        return config.socket.enabled
+
     @property
     def cfg(self):
         return self.server.config.socket
+
+    def reconfigure(self) -> None:
+        pass  # the allowlists are read at each connect
 
     async def start(self) -> None:
         sock = inherited_socket()
@@ -162,18 +162,18 @@ def _peer_groups(pid: int, gid: int) -> set[int]:
     return groups
 
 
-class Connection:
+class Connection(protocol.Peer):
     def __init__(self, transport: UnixTransport, reader, writer, n: int):
         self.t = transport
         self.server = transport.server
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.reader = reader
         self.writer = writer
         self.n = n
         self.scope = f"unix:{n}"
-        self.pending = 0  # generations awaiting their final frame
+        self.pending = 0  # requests awaiting their final frame
         self.closed = False
-        self.eof = False
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -192,7 +192,7 @@ class Connection:
 
     async def run(self) -> None:
         if not self.allowed():
-            self.send(protocol.error_frame(None, PermissionDenied("this user is not allowed to use the socket")))
+            self._write(protocol.error_frame(None, PermissionDenied("this user is not allowed to use the socket")))
             await self._drain()
             return
         buf = b""
@@ -206,13 +206,13 @@ class Connection:
             if not chunk:
                 break
             buf += chunk
+            limit = self.server.config.max_request_bytes
             while True:
                 nl = buf.find(b"\n")
-                limit = self.t.cfg.max_line_bytes
                 if nl < 0:
-                    if len(buf) > limit:
+                    if len(buf) > limit:  # refused while reading: a line never grows past the limit
                         if not discarding:
-                            self.send(protocol.error_frame(None, PayloadTooLarge(f"line longer than {limit} bytes")))
+                            self._write(protocol.error_frame(None, PayloadTooLarge(f"line longer than {limit} bytes")))
                             discarding = True
                         buf = b""
                     break
@@ -220,13 +220,11 @@ class Connection:
                 if discarding:
                     discarding = False  # the tail of the oversized line
                     continue
-                if len(line) > limit:
-                    self.send(protocol.error_frame(None, PayloadTooLarge(f"line longer than {limit} bytes")))
-                    continue
                 if line.strip():
-                    self.on_line(line)
+                    self.pending += 1
+                    self.idle.clear()
+                    self.server.receive(line, self)
             await self._drain()
-        self.eof = True
         await self._after_eof()
 
     async def _after_eof(self) -> None:
@@ -238,59 +236,47 @@ class Connection:
         while self.pending and not self.closed:
             if sock.fileno() < 0 or self.writer.is_closing() or p.poll(0):
                 log.info("connection %d closed with %d request(s) pending: cancelling", self.n, self.pending)
-                self.server.scheduler and self.server.scheduler.cancel_scope(self.scope)
+                self._cancel_pending()
                 self.closed = True
                 return
-            self.idle.clear()
             try:
                 await asyncio.wait_for(self.idle.wait(), 0.1)
             except asyncio.TimeoutError:
                 pass
         await self._drain()
 
-    def on_line(self, line: bytes) -> None:
-        obj = None
-        try:
-            obj = protocol.decode(line)
-            frame = protocol.parse(obj, default_stream=True, max_prompt_chars=self.server.config.max_prompt_chars)
-        except EdgedError as e:
-            self.send(protocol.error_frame(protocol.peek_id(obj), e))
-            return
-        if frame.op in protocol.GEN_OPS:
-            self.pending += 1
-        self.server.handle(frame, self.emit_threadsafe if frame.op in protocol.GEN_OPS else self.emit_here, scope=self.scope)
-
-    def emit_here(self, frame: dict, final: bool) -> None:
-        self.send(frame)
-
-    def emit_threadsafe(self, frame: dict, final: bool) -> None:
-        # Called from the worker thread (or inline when rejected at submit).
-        self.loop.call_soon_threadsafe(self._deliver, frame, final)
+    # -- Peer ----------------------------------------------------------------------
+    def send(self, frame: dict, final: bool) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._deliver(frame, final)
+        else:  # the worker thread
+            self.loop.call_soon_threadsafe(self._deliver, frame, final)
 
     def _deliver(self, frame: dict, final: bool) -> None:
-        self.send(frame)
+        self._write(frame)
         if final:
             self.pending -= 1
-            if self.pending == 0:
+            if self.pending <= 0:
                 self.idle.set()
 
-    def send(self, frame: dict) -> None:
+    def _write(self, frame: dict) -> None:
         if self.closed or self.writer.is_closing():
             return
         self.writer.write(protocol.encode(frame))
+
+    def _cancel_pending(self) -> None:
+        if self.pending:
+            self.server.cancel_all(self.scope)
 
     async def _drain(self) -> None:
         try:
             await self.writer.drain()
         except (ConnectionError, OSError):
             self.closed = True
-            if self.pending and self.server.scheduler:
-                self.server.scheduler.cancel_scope(self.scope)
+            self._cancel_pending()
 
     def close(self) -> None:
-        log.debug("connection %d closing with %d pending", self.n, self.pending)
-        if self.pending and self.server.scheduler:
-            self.server.scheduler.cancel_scope(self.scope)
+        self._cancel_pending()
         self.closed = True
         try:
             self.writer.close()

@@ -26,12 +26,12 @@ def main() -> int:
     t0 = time.perf_counter()
     import onnxruntime as ort
 
-    from edged.engine.engine import Engine
+    from edged.models.loading import load_engine
     from edged.engine.request import GenerateRequest
     from edged.engine.runner import EngineConfig
 
     t_import = time.perf_counter() - t0
-    engine = Engine.load(a.model_dir, config=EngineConfig(threads=a.threads, verify="none", graph_optimization=a.graph_optimization))
+    engine = load_engine(a.model_dir, config=EngineConfig(threads=a.threads, verify="none", graph_optimization=a.graph_optimization))
     t_load = time.perf_counter() - t0 - t_import
     req = GenerateRequest.from_dict(
         {"prompt": a.prompt, "options": {"temperature": 0, "num_predict": a.num_predict}}, max_prompt_chars=None

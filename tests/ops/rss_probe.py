@@ -8,7 +8,7 @@ import json
 import sys
 import threading
 
-from edged.engine.engine import Engine
+from edged.models.loading import load_engine
 from edged.engine.request import GenerateRequest
 from edged.engine.runner import EngineConfig, Runner
 from edged.models.store import ModelStore
@@ -28,7 +28,7 @@ def gen(engine):
 
 
 models, mode = sys.argv[1], sys.argv[2]
-engine = Engine.load("smollm2-135m", config=EngineConfig(threads=2), store=ModelStore(models))
+engine = load_engine("smollm2-135m", config=EngineConfig(threads=2), store=ModelStore(models))
 gen(engine)
 out = {"mode": mode, "one_session_mb": rss_mb(), "one_session_peak_mb": rss_mb("VmHWM")}
 if mode == "two-sessions":

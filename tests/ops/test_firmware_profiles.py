@@ -40,7 +40,7 @@ def test_profile_loads_with_the_daemon_validation(board, tmp_path):
                                                              code["threads"])
     # act before the firmware caps the clock (80 C on Pi 4/5; Zero 2 W temp_limit=80)
     assert g.critical_c <= 80 and g.warm_c < g.hot_c < g.critical_c
-    assert max(g.threads) == cfg.threads
+    assert max(g.threads) == cfg.engine.threads
     # the socket unit's path
     listen = _unit_keys((REPO / "systemd/edged.socket").read_text())["ListenStream"]
     assert cfg.socket.path == listen

@@ -82,9 +82,9 @@ def test_token_cap_context_cap_and_pacing(tmp_path, tiny_engine, fakesys):
 
 
 def test_memory_critical_unloads_the_idle_model_and_refuses(tmp_path, tiny_store, fakesys):
-    from edged.engine.engine import Engine
+    from edged.models.loading import load_engine
 
-    engine = Engine.load("tiny", store=tiny_store)  # our own: this test unloads it
+    engine = load_engine("tiny", store=tiny_store)  # our own: this test unloads it
     gov = {"root": str(fakesys.root), "interval": 60}
     with Running(daemon_config(tmp_path, tiny_store.root, governor=gov), engine) as r:
         assert r.server.scheduler.engine is not None

@@ -92,7 +92,7 @@ def make_config(tmp: Path, *, broker: Broker | None = None, models_dir=None, **o
     data: dict = {
         "model": "tiny",
         "models_dir": str(models_dir) if models_dir else None,
-        "threads": 1,
+        "engine": {"threads": 1},
         "shutdown_grace": 5.0,
         "socket": {"path": str(tmp / "run" / "edged.sock")},
         "mqtt": {"enabled": broker is not None, "node": "testnode", "port": broker.port if broker else 1883,

@@ -108,7 +108,7 @@ MALFORMED_MQTT = [
     b'{"prompt": "x", "extra": 1}', b'{"prompt": "x", "format": "json"}', b'{"prompt": "x", "reply_to": "a/#"}',
     b'{"prompt": "x", "reply_to": 5}', b'{"op": "cancel", "target": {}}', b'{"prompt": "", "raw": true}',
     b'{"prompt": "' + b"w" * 40_000 + b'"}',  # over max_prompt_chars
-    b'{"prompt": "' + b"v" * 300_000 + b'"}',  # over mqtt.max_payload_bytes
+    b'{"prompt": "' + b"v" * 300_000 + b'"}',  # over max_request_bytes
 ]
 
 
@@ -176,7 +176,7 @@ def test_last_will_when_daemon_dies(broker, device_factory, tmp_path, tiny_store
     wait_for(lambda: ("edged/testnode/status", b"offline") in dev.raw, what="last will")
 
 
-def test_cancel_topic(start_daemon, broker, device_factory):
+def test_cancel_topic_cancels_only_the_senders_own_requests(start_daemon, broker, device_factory):
     d = start_daemon(broker=broker)
     gate = Gate(at=2)
     d.server.scheduler.token_hooks.append(gate)
@@ -186,9 +186,13 @@ def test_cancel_topic(start_daemon, broker, device_factory):
     assert gate.reached.wait(WAIT)
     dev.request({"id": "queued", **GEN}, corr=b"Q")
     wait_for(lambda: d.server.scheduler.depth == 1, what="queued")
-    dev.c.publish("edged/testnode/cancel", json.dumps({"id": "queued"}), qos=1)
-    dev.c.publish("edged/testnode/cancel", "long", qos=1)  # a bare id works too
-    finals = dict(dev.wait_finals(2))
+    other = device_factory().connect()  # another reply topic: not the requester
+    other.request({"id": "long"}, topic="edged/testnode/cancel", corr=b"X")
+    assert other.wait_finals(1)[0][1]["cancelled"] is False
+    dev.request({"id": "queued"}, topic="edged/testnode/cancel", corr=b"CQ")
+    dev.request({"op": "cancel", "target": "long"}, corr=b"CL")  # in-band on the request topic works too
+    finals = dict(dev.wait_finals(4))
+    assert finals[b"CQ"]["cancelled"] is True and finals[b"CL"]["cancelled"] is True
     assert finals[b"Q"]["error"]["code"] == "cancelled"
     assert finals[b"L"]["done_reason"] == "cancel"
 
@@ -266,7 +270,7 @@ def test_broker_restart_mid_stream_completes_the_stream(start_daemon, broker, de
     broker.stop()  # SIGTERM: mosquitto saves sessions and queued messages
     wait_for(lambda: not t.connected.is_set(), what="daemon to notice")
     gate.release.set()  # the rest of the stream is generated while the broker is away
-    wait_for(lambda: d.server.scheduler.running is None, what="generation to finish")
+    wait_for(lambda: d.server.scheduler.running == 0, what="generation to finish")
     broker.start()
     [(c, final)] = dev.wait_finals(1)
     # QoS 1 is at-least-once: a delta in flight when the broker went down may come twice; seq tells.

@@ -16,7 +16,7 @@ Q = {"prompt": "What is the capital of France?", "options": {"temperature": 0, "
 
 @pytest.fixture
 def smol_daemon(smollm2_engine, smollm2_store, broker, tmp_path):
-    cfg = make_config(tmp_path, broker=broker, models_dir=smollm2_store.root, model="smollm2-135m", threads=2)
+    cfg = make_config(tmp_path, broker=broker, models_dir=smollm2_store.root, model="smollm2-135m", engine__threads=2)
     d = DaemonThread(cfg, engine=smollm2_engine, store=smollm2_store).start()
     t = next(t for t in d.server.transports if t.name == "mqtt")
     wait_for(lambda: t.connected.is_set(), what="mqtt connected")

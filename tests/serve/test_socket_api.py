@@ -29,7 +29,7 @@ class Gate:
         self.timed_out = False
 
     def __call__(self, job, n):
-        self.seen[job.id] = n
+        self.seen[job.rid] = n
         if n == self.at and not self.release.is_set():
             self.reached.set()
             end = time.monotonic() + WAIT
@@ -166,7 +166,7 @@ def test_error_codes_are_specific(start_daemon):
 
 
 def test_oversized_line_is_rejected_and_connection_continues(start_daemon):
-    d = start_daemon(socket__max_line_bytes=4096)
+    d = start_daemon(max_request_bytes=4096)
     with d.client() as c:
         c.sock.sendall(b'{"prompt": "' + b"z" * 20_000 + b'"}\n')
         f = c.read()
@@ -257,7 +257,7 @@ def test_priority_runs_higher_first(start_daemon):
     gate = Gate(at=1)
     order = []
     d.server.scheduler.token_hooks.append(gate)
-    d.server.scheduler.token_hooks.append(lambda job, n: n == 1 and order.append(job.id))
+    d.server.scheduler.token_hooks.append(lambda job, n: n == 1 and order.append(job.rid))
     with d.client() as c:
         c.send({"id": "first", **GEN})
         assert gate.reached.wait(WAIT)
@@ -305,7 +305,7 @@ def test_client_disconnect_frees_the_worker(start_daemon):
     assert gate.reached.wait(WAIT)
     c.close()
     # the worker was held at token 2; it is released only by the cancel the disconnect causes
-    wait_for(lambda: d.server.scheduler.running is None, what="worker to be freed")
+    wait_for(lambda: d.server.scheduler.running == 0, what="worker to be freed")
     assert gate.seen["gone"] <= 3 and not gate.timed_out
     gate.release.set()
     with d.client() as c2:

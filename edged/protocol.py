@@ -1,8 +1,8 @@
-"""The one frame model shared by the Unix socket and MQTT.
+"""The wire codec shared by every transport: bytes -> validated `Frame`, and reply frames.
 
 A request is a JSON object; field names follow Ollama's API where they overlap
 (`prompt`, `system`, `messages`, `options`, `stream`, `raw`, `model`), so the
-same JSON works on both transports. Replies:
+same JSON works on every transport. Replies:
 
     {"id": ..., "delta": "text", "seq": n}                 # only when streaming
     {"id": ..., "done": true, "response": ..., <stats>}    # final (chat: "message")
@@ -52,17 +52,49 @@ class Frame:
         return str(self.id)
 
 
-def decode(data: bytes | str, *, limit: int | None = None) -> dict:
+MAX_DEPTH = 32  # nesting a request may use; deeper JSON is refused before it is parsed
+
+
+def decode(data: bytes | str, *, limit: int) -> dict:
     """bytes -> JSON object, or MalformedRequest/PayloadTooLarge."""
-    if limit is not None and len(data) > limit:
+    if len(data) > limit:
         raise PayloadTooLarge(f"request is {len(data)} bytes, limit {limit}")
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if _too_deep(data):
+        raise MalformedRequest(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MalformedRequest(f"not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedRequest("not valid JSON (UTF-8)") from None
     if not isinstance(obj, dict):
         raise MalformedRequest("request must be a JSON object")
     return obj
+
+
+def _too_deep(data: bytes) -> bool:
+    # Why a pre-scan: json.loads recurses per level and raises RecursionError (not
+    # ValueError) on deep input. Brackets inside strings are skipped.
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return False
+    depth, in_str, esc = 0, False, False
+    for b in data:
+        if in_str:
+            if esc:
+                esc = False
+            elif b == 0x5C:  # backslash
+                esc = True
+            elif b == 0x22:
+                in_str = False
+        elif b == 0x22:
+            in_str = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return False
 
 
 def peek_id(obj: Any) -> Any:
@@ -82,14 +114,14 @@ def _valid_id(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= MAX_ID_CHARS
 
 
-def parse(obj: dict, *, default_stream: bool, max_prompt_chars: int | None = None) -> Frame:
+def parse(obj: dict, *, default_stream: bool, default_op: str | None = None, max_prompt_chars: int | None = None) -> Frame:
     for k in obj:
         if k not in _FIELDS:
             raise RequestError(f"unknown field {k!r}", field=k)
     rid = obj.get("id")
     if rid is not None and not _valid_id(rid):
         raise RequestError(f"'id' must be a string of 1..{MAX_ID_CHARS} characters or an integer", field="id")
-    op = obj.get("op")
+    op = obj.get("op", default_op)
     if op is None:
         op = "chat" if "messages" in obj else "generate"
     if not isinstance(op, str):
@@ -127,6 +159,30 @@ def parse(obj: dict, *, default_stream: bool, max_prompt_chars: int | None = Non
     return f
 
 
+class Peer:
+    """One requester as its transport sees it. The server decodes, validates and
+    dispatches; it answers only through `send`, from any thread.
+
+    `scope` names the requester: request ids, duplicates and cancels are per scope.
+    Transports override the hooks they need."""
+
+    scope: str = ""
+    default_stream: bool = True
+    default_op: str | None = None  # None: chat with `messages`, else generate
+    deadline: float | None = None  # time.monotonic() after which the request must not start
+
+    def route(self, obj: dict) -> None:
+        """Learn the reply address from the decoded request (MQTT 3.1.1 `reply_to`);
+        raise a RequestError when there is none."""
+
+    def admit(self, frame: Frame) -> bool:
+        """False when the transport already answered this frame (a redelivered duplicate)."""
+        return True
+
+    def send(self, frame: dict, final: bool) -> None:
+        raise NotImplementedError
+
+
 # -- replies -------------------------------------------------------------------
 
 
@@ -150,8 +206,9 @@ def final_frame(rid: Any, *, model: str, text: str, stats: dict, chat: bool) -> 
 
 
 def error_frame(rid: Any, err: EdgedError | Exception) -> dict:
+    # Internal exception text (paths, library messages) stays in the log.
     if not isinstance(err, EdgedError):
-        err = EdgedError(f"internal error: {type(err).__name__}: {err}")
+        err = EdgedError("internal error; the daemon's log has the details")
     return {"id": rid, "done": True, "error": err.to_dict()}
 
 
