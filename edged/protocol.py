@@ -167,6 +167,7 @@ class Peer:
     Transports override the hooks they need."""
 
     scope: str = ""
+    identity: str = ""  # who is charged for the request (quotas); "" = the scope
     default_stream: bool = True
     default_op: str | None = None  # None: chat with `messages`, else generate
     deadline: float | None = None  # time.monotonic() after which the request must not start

@@ -50,6 +50,7 @@ class Job:
     request: GenerateRequest
     sink: Sink
     scope: str = ""  # the requester: ids and cancels are per scope
+    owner: str = ""  # who is charged for it (quotas): a device identity, else the scope
     rid: Any = None  # the requester's id, None when it gave none
     priority: int = 0
     deadline: float | None = None  # time.monotonic() after which it is cut off

@@ -209,7 +209,7 @@ class Server:
             deadlines.append(time.monotonic() + frame.timeout_ms / 1000)
         elif not deadlines and self.config.default_timeout:
             deadlines.append(time.monotonic() + self.config.default_timeout)
-        job = Job(request=frame.gen, sink=Replies(self, peer, frame), scope=peer.scope, rid=frame.id,
+        job = Job(request=frame.gen, sink=Replies(self, peer, frame), scope=peer.scope, owner=peer.identity or peer.scope, rid=frame.id,
                   priority=frame.priority, deadline=min(deadlines) if deadlines else None)
         sched.submit(job)
 
