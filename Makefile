@@ -17,7 +17,7 @@ test: setup
 
 bench: setup
 	$(BIN)/edged pull $(MODEL)
-	$(BIN)/edged bench --model $(MODEL) --transport
+	$(BIN)/python -m bench --model $(MODEL) --transport
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -1,12 +1,12 @@
-"""Transport overhead benchmark (wired into `make bench` by the bench owner).
+"""Transport overhead of the daemon, with the model in-process.
 
-    from edged.serve.bench_transport import run_transport_bench
-    result = run_transport_bench(ModelStore(), "smollm2-135m")
+    from bench.transport import run_transport_bench
+    result = run_transport_bench(ModelStore(), "smollm2-135m", threads=2)
 
-Starts a daemon in-process (socket + MQTT) and a private mosquitto on a free
+Starts a daemon in this process (socket + MQTT) and a private mosquitto on a free
 port, then measures:
 - overhead: client round trip minus the engine's own `total_duration`, p50/p99
-  over >= 100 short requests, for each transport (goal: <= 2 ms p50);
+  over `requests` short requests, for each transport (goal: <= 2 ms p50);
 - throughput and latency with 1, 4 and 16 concurrent clients per transport,
   counting lost and duplicated replies (goal: zero).
 """
@@ -59,6 +59,7 @@ class _Mosquitto:
                 return
             except OSError:
                 time.sleep(0.02)
+        self.stop()
         raise RuntimeError("mosquitto did not start")
 
     def stop(self):
@@ -75,7 +76,6 @@ class _MqttRequester:
         self.topic = topic
         self.reply = f"bench/{uuid.uuid4().hex[:8]}/reply"
         self.waiting: dict[bytes, tuple[threading.Event, list]] = {}
-        self.received: list[bytes] = []
         ready = threading.Event()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         c.on_connect = self._on_connect
@@ -88,15 +88,12 @@ class _MqttRequester:
         self.c = c
 
     def _on_connect(self, client, *a):
-        from edged.transports.mqtt import _nodelay
-
-        _nodelay(client)
+        # Small back-to-back messages: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.subscribe(self.reply, qos=1)
 
     def _on_message(self, client, userdata, msg):
-        corr = msg.properties.CorrelationData
-        self.received.append(corr)
-        slot = self.waiting.get(corr)
+        slot = self.waiting.get(msg.properties.CorrelationData)
         if slot is not None:
             slot[1].append((time.perf_counter(), json.loads(msg.payload)))
             slot[0].set()
@@ -117,6 +114,17 @@ class _MqttRequester:
             raise TimeoutError
         t1, frame = box[0]
         return t1 - t0, frame
+
+    def wait_answered(self, payload: dict, timeout: float = 30) -> None:
+        """Ask until the daemon answers: a request published before it has subscribed is lost."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.call(payload, timeout=2)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the daemon does not answer over MQTT") from None
 
     def close(self):
         self.c.disconnect()
@@ -185,38 +193,35 @@ def _concurrent(make_client, call, n_clients: int, per_client: int) -> dict:
     }
 
 
-def run_transport_bench(model_store, model_name: str, *, requests: int = 100, per_client: int = 8, threads: int | None = None) -> dict:
-    from edged.engine.engine import Engine
+def run_transport_bench(store, model_name: str, *, threads: int | None = None, requests: int = 100,
+                        per_client: int = 8, clients: tuple[int, ...] = (1, 4, 16)) -> dict:
     from edged.engine.runner import EngineConfig
+    from edged.models.loading import load_engine
     from edged.serve.client import SocketClient
     from edged.serve.config import from_dict
     from edged.serve.server import Server
 
     tmp = Path(tempfile.mkdtemp(prefix="edged-bench-"))
-    broker = _Mosquitto(tmp)
-    engine = Engine.load(model_name, config=EngineConfig(threads=threads), store=model_store)
-    cfg = from_dict(
-        {
-            "model": model_name,
-            "models_dir": str(model_store.root),
-            "threads": threads,
-            "queue_size": 256,
-            "keep_alive": -1.0,
-            "socket": {"path": str(tmp / "edged.sock")},
-            "mqtt": {"host": "127.0.0.1", "port": broker.port, "node": "bench", "telemetry_interval": 0.0},
-        }
-    )
-    server = Server(cfg, engine=engine, store=model_store)
-    ready = threading.Event()
-    server.on_ready.append(lambda s: ready.set())
-    th = threading.Thread(target=lambda: asyncio.run(server.serve(install_signals=False)), daemon=True)
-    th.start()
+    broker = None
+    loop = asyncio.new_event_loop()
+    daemon = threading.Thread(target=loop.run_forever, name="bench-daemon", daemon=True)
     try:
-        if not ready.wait(120):
-            raise RuntimeError("daemon did not start")
-        mqtt_t = next(t for t in server.transports if t.name == "mqtt")
-        if not mqtt_t.connected.wait(30):
-            raise RuntimeError("daemon did not connect to mosquitto")
+        broker = _Mosquitto(tmp)
+        engine = load_engine(model_name, config=EngineConfig(threads=threads), store=store)
+        cfg = from_dict(
+            {
+                "model": model_name,
+                "models_dir": str(store.root),
+                "queue_size": 256,
+                "keep_alive": -1.0,
+                "engine": {"threads": threads},
+                "socket": {"path": str(tmp / "edged.sock")},
+                "mqtt": {"host": "127.0.0.1", "port": broker.port, "node": "bench", "telemetry_interval": 0.0},
+            }
+        )
+        server = Server(cfg, store=store, engine=engine)
+        daemon.start()
+        asyncio.run_coroutine_threadsafe(server.startup(), loop).result(120)
         topic = "edged/bench/request"
         sock_path = cfg.socket.path
         result: dict = {"model": model_name, "threads": engine.describe()["threads"], "requests": requests}
@@ -226,13 +231,14 @@ def run_transport_bench(model_store, model_name: str, *, requests: int = 100, pe
                 c.call(SHORT)
             result["socket"] = _overhead([_socket_call(c, SHORT) for _ in range(requests)])
         dev = _MqttRequester(broker.port, topic)
+        dev.wait_answered(SHORT)
         for _ in range(5):
             dev.call(SHORT)
         result["mqtt"] = _overhead([dev.call(SHORT) for _ in range(requests)])
         dev.close()
 
         result["concurrency"] = {"socket": [], "mqtt": []}
-        for n in (1, 4, 16):
+        for n in clients:
             result["concurrency"]["socket"].append(
                 _concurrent(lambda: SocketClient(sock_path), _socket_call, n, per_client)
             )
@@ -249,15 +255,11 @@ def run_transport_bench(model_store, model_name: str, *, requests: int = 100, pe
         }
         return result
     finally:
-        server.request_stop()
-        th.join(60)
-        broker.stop()
+        if daemon.is_alive():
+            asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(60)
+            loop.call_soon_threadsafe(loop.stop)
+            daemon.join(10)
+        loop.close()
+        if broker is not None:
+            broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-if __name__ == "__main__":  # python -m edged.serve.bench_transport [model]
-    import sys
-
-    from edged.models.store import ModelStore
-
-    print(json.dumps(run_transport_bench(ModelStore(), sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"), indent=2))

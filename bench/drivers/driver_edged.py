@@ -1,5 +1,5 @@
-"""edged driver: loads the model through the public Engine API and measures it.
-Runs in the main venv: python scripts/bench/driver_edged.py SPEC.json"""
+"""edged driver: loads the model through edged's public engine API and measures it.
+Runs in the main venv: python bench/drivers/driver_edged.py SPEC.json"""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from _driver_common import (emit, load_spec, measure_stream, onnx_matmul_weight_
 spec = load_spec()
 
 from edged.engine.batch import BatchDecoder  # noqa: E402
-from edged.engine.engine import Engine  # noqa: E402
 from edged.engine.request import GenerateRequest  # noqa: E402
 from edged.engine.runner import EngineConfig  # noqa: E402
+from edged.models.loading import load_engine  # noqa: E402
 from edged.models.store import ModelStore  # noqa: E402
 
 store = ModelStore(spec["store"]) if spec.get("store") else ModelStore()
-engine = Engine.load(spec["model"], config=EngineConfig(threads=spec["threads"]), store=store)
+engine = load_engine(spec["model"], config=EngineConfig(threads=spec["threads"]), store=store)
 emit({"event": "ready"})
 rss_loaded = rss_now_bytes()
 

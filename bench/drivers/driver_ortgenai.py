@@ -2,7 +2,7 @@
 
     python driver_ortgenai.py SPEC.json      measure (protocol in _driver_common)
     python driver_ortgenai.py --version      JSON: versions
-Threads come from genai_config.json (bench.py writes intra_op_num_threads there).
+Threads come from genai_config.json (bench/anchors.py writes intra_op_num_threads there).
 """
 
 from __future__ import annotations

@@ -2,15 +2,8 @@
 # Build llama-cpp-python from the PyPI sdist (compiles llama.cpp with cmake, CPU only,
 # native ISA) into its own venv under .cache/bench. Several minutes on 2 cores. Idempotent.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-CACHE="${EDGED_BENCH_CACHE:-$ROOT/.cache/bench}"
-VENV="$CACHE/venv-llamacpp"
-PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
-  echo "llama-cpp-python already in $VENV"; exit 0
-fi
-"$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
+. "$(dirname "$0")/_venv.sh"
+new_venv llamacpp "import llama_cpp"
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 "$VENV/bin/pip" install --no-binary llama-cpp-python --no-cache-dir -v llama-cpp-python psutil numpy

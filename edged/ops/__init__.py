@@ -1,1 +1,1 @@
-"""Operations: benchmarks, service management."""
+"""Operations: service management, the thermal and memory governor."""
