@@ -79,6 +79,25 @@ class Busy(EdgedError):
     code = "busy"
 
 
+class TooManyConnections(Busy):
+    """The socket's connection cap (in total or for the peer's uid) is reached; the
+    connection is closed after this frame."""
+
+    code = "too_many_connections"
+
+
+class IdleTimeout(EdgedError):
+    """The socket closed a connection that had no request in progress for too long."""
+
+    code = "idle_timeout"
+
+
+class LineTimeout(RequestError):
+    """The socket closed a connection that started a line and did not finish it in time."""
+
+    code = "line_timeout"
+
+
 class DeadlineExceeded(EdgedError):
     code = "deadline_exceeded"
 
@@ -93,6 +112,12 @@ class ShuttingDown(EdgedError):
 
 class PermissionDenied(EdgedError):
     code = "permission_denied"
+
+
+class ReplyTopicRefused(PermissionDenied):
+    """The reply topic is outside the configured reply patterns (docs/protocol.md)."""
+
+    code = "reply_topic_refused"
 
 
 class DuplicateRequest(RequestError):

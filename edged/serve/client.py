@@ -88,7 +88,7 @@ def mqtt_request(
     from paho.mqtt.properties import Properties
 
     cid = uuid.uuid4().hex[:12]
-    reply = f"{topic.rsplit('/', 1)[0]}/reply/{cid}"
+    reply = f"reply/edged-ask/{cid}"  # inside the default reply patterns (mqtt.reply_topics)
     done = threading.Event()
     subscribed = threading.Event()
     result: dict = {}

@@ -43,11 +43,21 @@ class SocketConfig:
     owner: str | None = None  # user name or uid; None = the daemon's
     group: str | None = None
     allow_uids: list[int] | None = live(None)  # None = anyone the file mode lets in
-    allow_gids: list[int] | None = live(None)
+    allow_gids: list[int] | None = live(None)  # the peer's primary or supplementary groups (SO_PEERGROUPS)
+    # Over a cap a new connection gets one `too_many_connections` frame and is closed.
+    # Each connection buffers at most max_request_bytes, so these also bound memory.
+    max_connections: int = live(256)  # open connections in total (the unit's LimitNOFILE= leaves room)
+    max_connections_per_uid: int = live(128)  # open connections of one peer uid
+    idle_timeout: float = live(300.0)  # seconds a connection with no request in progress may stay silent; 0 = never
+    line_timeout: float = live(30.0)  # seconds from a line's first byte to its newline; 0 = never
 
     def __post_init__(self):
         if self.path is None:
             self.path = default_socket_path()
+        if self.max_connections < 1 or self.max_connections_per_uid < 1:
+            raise ValueError("max_connections and max_connections_per_uid must be >= 1")
+        if self.idle_timeout < 0 or self.line_timeout < 0:
+            raise ValueError("idle_timeout and line_timeout must be >= 0 (0 = never)")
 
 
 @dataclass(kw_only=True)
@@ -59,7 +69,8 @@ class MqttConfig:
     prefix: str = "edged"
     client_id: str | None = None  # None = "edged-<node>"; fixed so the session persists
     username: str | None = None
-    password: str | None = None
+    password: str | None = None  # prefer password_file or the systemd credential "mqtt-password"
+    password_file: str | None = None  # a file holding the password (first line)
     keepalive: int = 30
     session_expiry: int = 3600  # seconds the broker keeps our session (and queued requests)
     tls_ca: str | None = None
@@ -70,13 +81,38 @@ class MqttConfig:
     pool_topic: str | None = None  # or from this topic (subscribed as $share/<shared_group>/... when set)
     qos: int = 1
     telemetry_interval: float = live(30.0)  # seconds; 0 = off
-    dedup_size: int = 1024  # request ids remembered against QoS 1 redelivery
+    dedup_size: int = 1024  # answered request ids remembered against QoS 1 redelivery
+    # Topics replies may be published on (MQTT filter syntax). `$` topics and the
+    # <prefix>/ tree are refused whatever these say. The defaults take topics ending
+    # in /reply and anything under reply/ or replies/, never an actuator's .../set.
+    reply_topics: list[str] = live(factory=lambda: ["+/reply", "+/+/reply", "+/+/+/reply", "reply/#", "replies/#"])
+    max_topic_chars: int = live(256)  # longest reply topic accepted
+    max_correlation_bytes: int = live(128)  # longest MQTT 5 Correlation Data accepted (it becomes the id)
+    # Also take requests on <prefix>/<node>/request/<device>: the <device> level names the
+    # requester, which a broker ACL `pattern write edged/+/request/%u` ties to its login.
+    device_topics: bool = True
+    require_device: bool = False  # only <prefix>/<node>/request/<device> (the plain request topic is not subscribed)
     reconnect_min_delay: float = 1.0
     reconnect_max_delay: float = 30.0
 
     def __post_init__(self):
         if self.node is None:
             self.node = socket.gethostname().split(".")[0] or "edged"
+
+    def broker_password(self) -> str | None:
+        """mqtt.password_file, else systemd's credential "mqtt-password" (LoadCredential=),
+        else mqtt.password. Read at connect time and never logged."""
+        path = self.password_file
+        if path is None and os.environ.get("CREDENTIALS_DIRECTORY"):
+            cred = Path(os.environ["CREDENTIALS_DIRECTORY"]) / "mqtt-password"
+            path = str(cred) if cred.is_file() else None
+        if path is None:
+            return self.password
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"cannot read the MQTT password file {path}: {e.strerror}") from None
+        return lines[0] if lines else ""
 
 
 @dataclass(kw_only=True)
@@ -156,7 +192,7 @@ ENV_KEYS = {
     "EDGED_MQTT_NODE": "mqtt.node",
     "EDGED_MQTT_PREFIX": "mqtt.prefix",
     "EDGED_MQTT_USERNAME": "mqtt.username",
-    "EDGED_MQTT_PASSWORD": "mqtt.password",
+    "EDGED_MQTT_PASSWORD_FILE": "mqtt.password_file",
     "EDGED_LOG_LEVEL": "log_level",
 }
 
@@ -172,7 +208,7 @@ def _apply_env(data: dict, env) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
-        if key in ("mqtt.node", "mqtt.host", "socket.path", "model", "mqtt.password", "mqtt.username", "mqtt.prefix"):
+        if key in ("mqtt.node", "mqtt.host", "socket.path", "model", "mqtt.password_file", "mqtt.username", "mqtt.prefix"):
             value = raw
         section, _, leaf = key.rpartition(".")
         target = data
@@ -265,6 +301,18 @@ def _describe(hint) -> str:
     )
 
 
+def _valid_filter(f: str) -> bool:
+    if not f or "\x00" in f or f.startswith("$"):
+        return False
+    levels = f.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
 def _check_values(cfg: Config, where: str) -> None:
     def bad(key, msg):
         raise ConfigError(f"{where}: {key!r} {msg}", key=key, file=where)
@@ -292,6 +340,17 @@ def _check_values(cfg: Config, where: str) -> None:
         v = getattr(m, key)
         if not v or any(c in v for c in "+#/"):
             bad(f"mqtt.{key}", "must be a non-empty topic level without '/', '+' or '#'")
+    for key in ("shared_group",):
+        v = getattr(m, key)
+        if v is not None and (not v or any(c in v for c in "+#/$")):
+            bad(f"mqtt.{key}", "must be a non-empty name without '/', '+', '#' or '$'")
+    if m.pool_topic is not None and (not m.pool_topic or "+" in m.pool_topic or "#" in m.pool_topic or m.pool_topic.startswith("$")):
+        bad("mqtt.pool_topic", "must be a topic name without wildcards")
+    for i, pattern in enumerate(m.reply_topics):
+        if not _valid_filter(pattern):
+            bad(f"mqtt.reply_topics[{i}]", f"{pattern!r} is not a valid MQTT topic filter")
+    if m.password is not None and m.password_file is not None:
+        bad("mqtt.password", "and mqtt.password_file are exclusive")
     if (m.tls_cert is None) != (m.tls_key is None):
         bad("mqtt.tls_cert", "and mqtt.tls_key must be given together")
     for msg in cfg.governor.validate():

@@ -2,14 +2,17 @@
 
 Topics (prefix `edged`, node = hostname by default):
     <prefix>/<node>/request    requests in (QoS 1)
-    <prefix>/<node>/cancel     {"id": "..."} cancels the sender's own queued or running request
+    <prefix>/<node>/request/<device>   the same, with the requester named by the topic
+                               (a broker ACL ties <device> to the device's login)
+    <prefix>/<node>/cancel[/<device>]  {"id": "..."} cancels the sender's own request
     <prefix>/<node>/status     retained "online"; "offline" is the last will
     <prefix>/<node>/info       retained birth payload (model, quantization, ...)
     <prefix>/<node>/telemetry  periodic queue depth, tokens/s, memory, governor
     <prefix>/<node>/error      errors for requests that gave no reply address
 
 Replies go to the request's Response Topic with its Correlation Data echoed
-(MQTT 5), or to `reply_to` from the JSON payload (3.1.1). One final message by
+(MQTT 5), or to `reply_to` from the JSON payload (3.1.1), only when that topic
+passes the reply policy (topics.py); otherwise the error goes to the error topic. One final message by
 default; with "stream": true, delta messages first. Frames are the socket's
 (edged/protocol.py). Each message's requester is a `Peer` named by its reply
 topic: ids, duplicates and cancels are per reply topic.
@@ -38,7 +41,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged import __version__, protocol
-from edged.errors import RequestError
+from edged.errors import EdgedError, MalformedRequest, RequestError
+from edged.logs import Repeats
+from edged.transports.topics import ReplyPolicy
+
+# Room for the fixed header, topic and properties of a PUBLISH around the payload cap.
+PACKET_OVERHEAD = 4096
 
 log = logging.getLogger("edged.mqtt")
 
@@ -64,6 +72,7 @@ class MqttTransport:
         self._recent: collections.OrderedDict = collections.OrderedDict()
         self._recent_lock = threading.Lock()
         self._telemetry: asyncio.Task | None = None
+        self.repeats = Repeats()
         self.client = self._make_client()
 
     @staticmethod
@@ -74,15 +83,35 @@ class MqttTransport:
     def cfg(self):
         return self.server.config.mqtt
 
+    @property
+    def policy(self) -> ReplyPolicy:
+        cfg = self.cfg
+        return ReplyPolicy(cfg.reply_topics, own_prefix=cfg.prefix, max_chars=cfg.max_topic_chars)
+
     def subscriptions(self) -> list[str]:
         cfg = self.cfg
         if cfg.shared_group and not cfg.pool_topic:
             # Every board in the group shares <prefix>/+/request (see docs/protocol.md).
-            return [f"$share/{cfg.shared_group}/{cfg.prefix}/+/request"]
-        subs = [self.request_topic]
+            subs = [] if cfg.require_device else [f"$share/{cfg.shared_group}/{cfg.prefix}/+/request"]
+            if cfg.device_topics or cfg.require_device:
+                subs.append(f"$share/{cfg.shared_group}/{cfg.prefix}/+/request/+")
+            return subs
+        subs = [] if cfg.require_device else [self.request_topic]
+        if cfg.device_topics or cfg.require_device:
+            subs.append(f"{self.request_topic}/+")
         if cfg.pool_topic:
             subs.append(f"$share/{cfg.shared_group or 'edged'}/{cfg.pool_topic}")
+        subs.append(self.cancel_topic)
+        if cfg.device_topics or cfg.require_device:
+            subs.append(f"{self.cancel_topic}/+")
         return subs
+
+    def device_of(self, topic: str) -> str | None:
+        """The <device> level of a per-device request or cancel topic, else None."""
+        parts = topic.split("/")
+        if len(parts) >= 4 and parts[-2] in ("request", "cancel") and (self.cfg.device_topics or self.cfg.require_device):
+            return parts[-1]
+        return None
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.cfg
@@ -94,24 +123,36 @@ class MqttTransport:
         )
         c.will_set(self.status_topic, "offline", qos=1, retain=True)
         if cfg.username:
-            c.username_pw_set(cfg.username, cfg.password)
+            c.username_pw_set(cfg.username, cfg.broker_password())
         if cfg.tls_ca or cfg.tls_cert:
             c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
             if cfg.tls_insecure:
                 c.tls_insecure_set(True)
         c.reconnect_delay_set(min_delay=max(1, int(cfg.reconnect_min_delay)), max_delay=max(1, int(cfg.reconnect_max_delay)))
         c.max_queued_messages_set(0)  # replies made while the broker is away wait here, then go out
-        c.on_connect = self._on_connect
-        c.on_connect_fail = self._on_connect_fail
-        c.on_disconnect = self._on_disconnect
-        c.on_message = self._on_message
+        # Every paho callback is guarded: an exception in one would end paho's network thread.
+        c.on_connect = self._guard(self._on_connect)
+        c.on_connect_fail = self._guard(self._on_connect_fail)
+        c.on_disconnect = self._guard(self._on_disconnect)
+        c.on_message = self._guard(self._on_message)
         return c
+
+    def _guard(self, fn):
+        def guarded(*args):
+            try:
+                fn(*args)
+            except Exception:
+                self.repeats.error(log, fn.__name__, "MQTT: %s failed", fn.__name__, exc_info=True)
+
+        return guarded
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = cfg.session_expiry
+        # The broker drops larger publishes before they reach us (nothing to buffer or redeliver).
+        props.MaximumPacketSize = self.server.config.max_request_bytes + PACKET_OVERHEAD
         # connect_async: a broker that is down at start is retried with backoff by the loop thread.
         self.client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=False, properties=props)
         self.client.loop_start()
@@ -165,7 +206,7 @@ class MqttTransport:
         self.connected.set()
         log.info("MQTT: connected (session present: %s)", flags.session_present)
         qos = self.cfg.qos
-        client.subscribe([(t, qos) for t in self.subscriptions()] + [(self.cancel_topic, qos)])
+        client.subscribe([(t, qos) for t in self.subscriptions()])
         client.publish(self.status_topic, "online", qos=1, retain=True)
         client.publish(self.info_topic, json.dumps(self.birth()), qos=1, retain=True)
 
@@ -195,9 +236,10 @@ class MqttTransport:
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next run
         try:
-            self.server.receive(msg.payload, Requester(self, msg, cancel=msg.topic == self.cancel_topic))
+            cancel = msg.topic == self.cancel_topic or msg.topic.startswith(self.cancel_topic + "/")
+            self.server.receive(msg.payload, Requester(self, msg, cancel=cancel))
         except Exception:
-            log.exception("MQTT: failed to handle a message on %s", msg.topic)
+            self.repeats.error(log, "on_message", "MQTT: failed to handle a message", exc_info=True)
         if msg.qos > 0:
             client.ack(msg.mid, msg.qos)
 
@@ -208,7 +250,7 @@ class MqttTransport:
             frame.id = peer.corr_id  # so it can be cancelled and deduplicated
         if frame.id is None or frame.op not in protocol.GEN_OPS:
             return True
-        key = (peer.topic, frame.key)
+        key = (peer.scope, frame.key)
         with self._recent_lock:
             seen = self._recent.get(key)
             if seen is None:
@@ -247,10 +289,24 @@ class MqttTransport:
             await asyncio.sleep(interval if interval > 0 else 5)
             if interval <= 0 or not self.connected.is_set():
                 continue
-            st = self.server.status()
-            body = {k: st[k] for k in ("queue_depth", "in_flight", "tokens_per_second", "rss_bytes", "uptime_s", "loaded", "governor")}
-            body["time"] = time.time()
-            self.client.publish(self.telemetry_topic, json.dumps(body), qos=0)
+            try:
+                st = self.server.status()
+                keys = ("queue_depth", "in_flight", "tokens_per_second", "rss_bytes", "uptime_s", "loaded", "governor")
+                body = {k: st[k] for k in keys}
+                body["time"] = time.time()
+                self.client.publish(self.telemetry_topic, json.dumps(body), qos=0)
+            except Exception:  # the loop outlives any one failure
+                self.repeats.error(log, "telemetry", "MQTT: telemetry failed", exc_info=True)
+
+    def publish(self, topic: str, payload: bytes, props: Properties) -> None:
+        """Publish a reply; a failure is logged (once per kind, then counted) and never raised
+        or retried: the topic was validated, so a failure here is the connection's."""
+        try:
+            info = self.client.publish(topic, payload, qos=self.cfg.qos, properties=props)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                self.repeats.warning(log, f"publish-{info.rc}", "MQTT: publish failed: %s", mqtt.error_string(info.rc))
+        except Exception as e:
+            self.repeats.warning(log, f"publish-{type(e).__name__}", "MQTT: publish failed: %s", type(e).__name__)
 
 
 def _nodelay(client) -> None:
@@ -263,31 +319,48 @@ def _nodelay(client) -> None:
 
 
 class Requester(protocol.Peer):
-    """Where one message's frames go: its reply topic and correlation data."""
+    """Where one message's frames go: its reply topic and correlation data. Its scope
+    (ids, duplicates, cancels) is the device named by the topic, if any, plus the reply topic."""
 
     default_stream = False
 
     def __init__(self, t: MqttTransport, msg, *, cancel: bool = False):
         props = msg.properties
         self.t = t
-        self.topic: str | None = getattr(props, "ResponseTopic", None) if props else None
+        self.requested: str | None = getattr(props, "ResponseTopic", None) if props else None
+        self.topic: str | None = None  # set by route() once the policy allows it
         self.corr: bytes | None = getattr(props, "CorrelationData", None) if props else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props else None
         self.deadline = time.monotonic() + expiry if expiry else None
         self.default_op = "cancel" if cancel else None
+        self.device = t.device_of(msg.topic)
+        self._refused = None
+        if self.requested is not None:  # known before the payload is decoded: errors about it go there
+            try:
+                self.topic = t.policy.check(self.requested)
+            except EdgedError as e:
+                self._refused = e
         self.key = None
-        try:
-            self.corr_id = self.corr.decode() if self.corr else None
-        except UnicodeDecodeError:
-            self.corr_id = self.corr.hex()
-        self.scope = f"mqtt:{self.topic}"
+        self.corr_id = None
+        if self.corr is not None and len(self.corr) <= t.cfg.max_correlation_bytes:
+            try:
+                self.corr_id = self.corr.decode()
+            except UnicodeDecodeError:
+                self.corr_id = self.corr.hex()
+        self.scope = "mqtt:"
 
     def route(self, obj: dict) -> None:
-        if self.topic is None and isinstance(obj.get("reply_to"), str):
-            self.topic = obj["reply_to"]
+        if self.corr is not None and self.corr_id is None:
+            raise MalformedRequest(f"correlation data longer than {self.t.cfg.max_correlation_bytes} bytes")
+        if self._refused is not None:
+            raise self._refused  # topic is None: the error goes to the error topic
         if self.topic is None:
-            raise RequestError("no reply address: set the MQTT 5 Response Topic or 'reply_to' in the payload", field="reply_to")
-        self.scope = f"mqtt:{self.topic}"
+            if obj.get("reply_to") is None:
+                raise RequestError("no reply address: set the MQTT 5 Response Topic or 'reply_to' in the payload", field="reply_to")
+            self.topic = self.t.policy.check(obj["reply_to"])
+        who = f"device:{self.device}" if self.device is not None else ""
+        self.identity = who
+        self.scope = f"mqtt:{who}|{self.topic}"
 
     def admit(self, frame: protocol.Frame) -> bool:
         return self.t.admit(self, frame)
@@ -297,9 +370,8 @@ class Requester(protocol.Peer):
             frame = {**frame, "id": self.corr_id}
         if final and self.key is not None:
             self.t.remember(self.key, frame)
-        topic = self.topic or self.t.error_topic
         props = Properties(PacketTypes.PUBLISH)
-        if self.corr is not None:
+        if self.corr_id is not None:
             props.CorrelationData = self.corr
         props.ContentType = "application/json"
-        self.t.client.publish(topic, protocol.encode(frame)[:-1], qos=self.t.cfg.qos, properties=props)
+        self.t.publish(self.topic or self.t.error_topic, protocol.encode(frame)[:-1], props)

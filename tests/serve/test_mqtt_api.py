@@ -6,23 +6,9 @@ import json
 import threading
 import time
 
-from serve.serve_helpers import WAIT, Device, wait_for
+from helpers import WAIT, Device, Gate, wait_for
 
 GEN = {"prompt": "hello there", "options": {"num_predict": 6, "temperature": 0}}
-
-
-class Gate:
-    def __init__(self, at: int = 1):
-        self.at = at
-        self.release = threading.Event()
-        self.reached = threading.Event()
-
-    def __call__(self, job, n):
-        if n == self.at and not self.release.is_set():
-            self.reached.set()
-            end = time.monotonic() + WAIT
-            while not (self.release.is_set() or job.cancel.is_set()) and time.monotonic() < end:
-                self.release.wait(0.01)
 
 
 def mqtt_ready(d):
@@ -108,7 +94,7 @@ MALFORMED_MQTT = [
     b'{"prompt": "x", "extra": 1}', b'{"prompt": "x", "format": "json"}', b'{"prompt": "x", "reply_to": "a/#"}',
     b'{"prompt": "x", "reply_to": 5}', b'{"op": "cancel", "target": {}}', b'{"prompt": "", "raw": true}',
     b'{"prompt": "' + b"w" * 40_000 + b'"}',  # over max_prompt_chars
-    b'{"prompt": "' + b"v" * 300_000 + b'"}',  # over max_request_bytes
+    b'{"prompt": "' + b"v" * 263_000 + b'"}',  # over max_request_bytes, within the packet size we announce
 ]
 
 
@@ -125,9 +111,13 @@ def test_malformed_corpus_gets_error_replies_and_daemon_keeps_serving(start_daem
         assert f["error"]["code"] and f["error"]["message"], (c, f)
     codes = {f["error"]["code"] for _, f in finals}
     assert {"malformed_request", "invalid_request", "unknown_op", "payload_too_large", "model_not_found"} <= codes
+    # Past the Maximum Packet Size announced in CONNECT the broker drops the publish: no reply
+    # (documented), nothing reaches the daemon, and it keeps serving.
+    dev.request(b'{"prompt": "' + b"v" * 2_000_000 + b'"}', corr=b"huge")
     dev.request(GEN, corr=b"good")
     finals = dev.wait_finals(len(MALFORMED_MQTT) + 1)
     assert "response" in dict((c, f) for c, f in finals)[b"good"]
+    assert b"huge" not in dict(dev.finals())
 
 
 def test_no_reply_address_goes_to_error_topic(start_daemon, broker, device_factory):
@@ -166,10 +156,10 @@ def test_availability_status_info_telemetry_and_last_will(start_daemon, broker, 
 
 def test_last_will_when_daemon_dies(broker, device_factory, tmp_path, tiny_store):
     """A daemon process killed with SIGKILL: the broker publishes our will."""
-    from serve.serve_helpers import DaemonProcess, make_config
+    from helpers import DaemonProcess, daemon_config
 
-    cfg = make_config(tmp_path, broker=broker, models_dir=tiny_store.root, mqtt__keepalive=1)
-    p = DaemonProcess(tmp_path, cfg).wait_ready(cfg["socket"]["path"])
+    cfg = daemon_config(tmp_path, tiny_store.root, broker=broker, mqtt__keepalive=1)
+    p = DaemonProcess(tmp_path, cfg).wait_ready()
     dev = device_factory().connect("edged/testnode/status")
     wait_for(lambda: ("edged/testnode/status", b"online") in dev.raw, what="online")
     p.kill()
@@ -317,7 +307,7 @@ def test_shared_subscription_splits_requests_between_boards(start_daemon, broker
 def test_ask_cli_over_mqtt(start_daemon, broker):
     import subprocess
 
-    from serve.serve_helpers import edged_exe
+    from helpers import edged_exe
 
     d = start_daemon(broker=broker)
     mqtt_ready(d)
@@ -346,7 +336,7 @@ def test_status_health_models_ops_over_mqtt(start_daemon, broker, device_factory
 def test_username_password_from_config_and_wrong_password_never_crashes(start_daemon, tmp_path, device_factory):
     import subprocess
 
-    from serve.serve_helpers import Broker
+    from helpers import Broker
 
     pw = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-c", "-b", str(pw), "edged", "s3cret"], check=True, capture_output=True)
@@ -379,7 +369,7 @@ def test_tls_with_ca_and_client_certificate(start_daemon, tmp_path):
     import subprocess
 
     import pytest
-    from serve.serve_helpers import Broker
+    from helpers import Broker
 
     if not shutil.which("openssl"):
         pytest.skip("openssl not installed")
