@@ -31,12 +31,12 @@ evictions); the WAL beside it is checkpointed every 1,000 pages and kept at
 
 Durability. Cost per request on the development machine's disk (virtio ext4,
 shared; `python -m bench.journal_cost`: begin + finish of a 305-byte request and
-a 1,059-byte final, median of 2,000, four runs):
+a 1,059-byte final, median of 2,000, five runs):
 
     synchronous=FULL    0.54-0.72 ms (4.9 ms in one run while the disk was busy);
                         begin() alone 0.26-0.34 ms; a bare 4 KiB fdatasync there
                         took 0.14-0.23 ms (2.4 ms in the busy run)
-    synchronous=NORMAL  0.11-0.13 ms; begin() alone 0.05-0.06 ms
+    synchronous=NORMAL  0.09-0.13 ms; begin() alone 0.04-0.06 ms
 
 FULL makes two WAL syncs per request (one per commit); NORMAL syncs only at a
 checkpoint (every ~1,000 pages, a few hundred requests). An SD card takes about
