@@ -8,9 +8,9 @@ CONFIG ?= examples/edged.yaml
 setup:
 	@./scripts/bootstrap.sh
 
+# Pulls MODEL, then serves it; starts a mosquitto for the session when no broker listens (scripts/run.sh).
 run: setup
-	$(BIN)/edged pull $(MODEL)
-	EDGED_MODEL=$(MODEL) $(BIN)/edged serve --config $(CONFIG)
+	VENV=$(VENV) MODEL=$(MODEL) CONFIG=$(CONFIG) ./scripts/run.sh
 
 test: setup
 	$(BIN)/python -m pytest -q

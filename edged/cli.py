@@ -1,8 +1,11 @@
-"""Command line: `edged run|pull|convert|list|show|rm|bench`.
+"""Command line: `edged run|pull|convert|list|show|rm|serve|ask|status`.
 
-Errors are one line on stderr and a non-zero exit; --debug shows tracebacks.
-Conversion imports stay inside their commands so `edged --help` and the
-runtime commands work without the convert extra.
+Argument handling and printing only; what the commands do lives in edged.models,
+edged.engine and edged.serve. Options may come before, between and after a
+command's positionals, as `ollama run` takes them. Errors are one line on stderr
+and a non-zero exit; --debug shows tracebacks. Conversion imports stay inside
+their commands so `edged --help` and the runtime commands work without the
+convert extra.
 """
 
 from __future__ import annotations
@@ -33,63 +36,17 @@ def _store(args):
 
 
 def cmd_pull(args) -> int:
-    from edged.models.registry import resolve
-    from edged.models.store import sha256_file
+    from edged.models.registry import pull
 
-    store = _store(args)
-    entry, path = resolve(args.model)
-    digest = sha256_file(path)
-    try:
-        existing = store.get(args.model)
-        if is_current(existing.manifest, digest, args.target or _host()):
-            store.verify(existing, mode="full")
-            print(f"{args.model} is up to date ({existing.path})")
-            return 0
-    except EdgedError:
-        pass  # missing, corrupt or from another source: prepare it again
-    from edged.models.convert import convert
-
-    import importlib.metadata
-
-    info = {
-        "package": entry.package,
-        "package_version": importlib.metadata.version(entry.package),
-        "file": entry.filename,
-        "sha256": digest,
-        "license": entry.license,
-        "description": entry.description,
-    }
-    model = convert(path, args.model, target=args.target, store=store, progress=_progress(), source_info=info)
-    _print_gate(model.manifest)
-    print(f"pulled {args.model} -> {model.path}")
+    done = pull(args.model, target=args.target, store=_store(args), progress=_progress())
+    if done.action == "converted":
+        _print_gate(done.model.manifest)
+        print(f"pulled {args.model} -> {done.model.path}")
+    elif done.action == "defaults":
+        print(f"{args.model} is up to date ({done.model.path}); generation defaults set to {_defaults(done.model.manifest)}")
+    else:
+        print(f"{args.model} is up to date ({done.model.path})")
     return 0
-
-
-def is_current(manifest: dict, source_sha256: str, target: str) -> bool:
-    """Whether a prepared model is what `edged pull` would make now: same source file,
-    same target, same converter version and the target's current default scheme
-    (a store made by an older edged is prepared again, not served stale)."""
-    from edged.models.quantize import TARGET_SCHEME
-
-    return (
-        manifest.get("source", {}).get("sha256") == source_sha256
-        and manifest.get("target") == target
-        and manifest.get("converter_version") == _converter_version()
-        and manifest.get("quantization", {}).get("scheme") == TARGET_SCHEME.get(target)
-    )
-
-
-def _converter_version() -> int:
-    # convert.py imports nothing heavy at module level, so this stays cheap
-    from edged.models.convert import CONVERTER_VERSION
-
-    return CONVERTER_VERSION
-
-
-def _host() -> str:
-    from edged.models.quantize import host_target
-
-    return host_target()
 
 
 def cmd_convert(args) -> int:
@@ -137,6 +94,13 @@ def _summary(m) -> dict:
     }
 
 
+def _defaults(man: dict) -> str:
+    d = man.get("generation_defaults") or {}
+    if not d:
+        return "none (Ollama's option defaults apply)"
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
 def _print_gate(man: dict) -> None:
     g = man.get("gate", {})
     if g.get("status") in ("passed", "failed"):
@@ -168,8 +132,7 @@ def cmd_show(args) -> int:
     print(f"  context length  {man['context_length']}")
     print(f"  size            {_human(m.size_bytes)}")
     print(f"  created         {man.get('created')}")
-    if man.get("generation_defaults"):
-        print(f"  defaults        {json.dumps(man['generation_defaults'])}")
+    print(f"  defaults        {_defaults(man)}")
     print("  ", end="")
     _print_gate(man)
     if args.verify:
@@ -183,27 +146,51 @@ def cmd_rm(args) -> int:
     return 0
 
 
-def _options_from_args(args) -> dict:
-    opts = {}
-    for key in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "num_predict", "num_ctx"):
-        v = getattr(args, key, None)
-        if v is not None:
-            opts[key] = v
+# Request options with an Ollama flag: (flag, option name, type, help).
+OPTION_FLAGS = (
+    ("--temperature", "temperature", float, "sampling temperature; 0 = greedy"),
+    ("--top-k", "top_k", int, None),
+    ("--top-p", "top_p", float, None),
+    ("--min-p", "min_p", float, None),
+    ("--repeat-penalty", "repeat_penalty", float, None),
+    ("--seed", "seed", int, None),
+    ("--num-predict", "num_predict", int, "most tokens to generate (-1: until the end)"),
+    ("--num-ctx", "num_ctx", int, "context tokens to use"),
+)
+
+
+def _add_request_flags(p: argparse.ArgumentParser) -> None:
+    """The request flags `run` and `ask` share: options (unset ones leave the model's defaults) and --system."""
+    p.add_argument("--system", help="system message")
+    g = p.add_argument_group("request options (unset: the model's defaults, see `edged show`)")
+    for flag, dest, typ, help in OPTION_FLAGS:
+        g.add_argument(flag, dest=dest, type=typ, help=help)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _request_options(args) -> dict:
+    """The `options` object of a request from the flags given on the command line."""
+    opts = {dest: getattr(args, dest) for _, dest, _, _ in OPTION_FLAGS if getattr(args, dest) is not None}
     if args.stop:
         opts["stop"] = args.stop
     return opts
 
 
+def _read_prompt(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
 def cmd_run(args) -> int:
-    from edged.engine.engine import Engine
     from edged.engine.request import GenerateRequest
     from edged.engine.runner import EngineConfig
+    from edged.models.loading import load_engine
 
-    engine = Engine.load(args.model, config=EngineConfig(threads=args.threads))
-    opts = _options_from_args(args)
+    engine = load_engine(args.model, config=EngineConfig(threads=args.threads))
+    opts = _request_options(args)
     if args.prompt is not None:
-        prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-        req = GenerateRequest.from_dict({"prompt": prompt, "system": args.system, "raw": args.raw, "options": opts})
+        req = GenerateRequest.from_dict(
+            {"prompt": _read_prompt(args.prompt), "system": args.system, "raw": args.raw, "options": opts}
+        )
         _stream(engine, req, args.verbose)
         return 0
     return _chat(engine, args, opts)
@@ -269,12 +256,6 @@ def _chat(engine, args, opts) -> int:
         messages.append({"role": "assistant", "content": answer})
 
 
-def cmd_bench(args) -> int:
-    from edged.ops.bench import main as bench_main
-
-    return bench_main(args)
-
-
 def cmd_serve(args) -> int:
     import logging
     import os
@@ -297,19 +278,13 @@ def _socket_path(args) -> str:
 
 
 def cmd_ask(args) -> int:
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    req: dict = {"prompt": prompt, "stream": not args.no_stream}
+    req: dict = {"prompt": _read_prompt(args.prompt), "stream": not args.no_stream}
     if args.system:
         req["system"] = args.system
-    opts = {}
-    if args.temperature is not None:
-        opts["temperature"] = args.temperature
-    if args.num_predict is not None:
-        opts["num_predict"] = args.num_predict
-    if args.seed is not None:
-        opts["seed"] = args.seed
+    opts = _request_options(args)
     if opts:
         req["options"] = opts
+
     def show(frame: dict) -> None:
         if args.json:
             print(json.dumps(frame), flush=True)
@@ -368,93 +343,89 @@ def cmd_status(args) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand parser that takes options before, between and after its positionals
+    (`edged run MODEL --temperature 0 PROMPT`). Plain argparse stops filling positionals at
+    the first option, so the prompt after it would be an unrecognized argument.
+
+    The top-level parser calls its subcommand's parse_known_args; this answers with
+    parse_known_intermixed_args, which itself calls parse_known_args (twice) for the
+    options and then the positionals: those inner calls take the plain path."""
+
+    _mixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._mixing:
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edged.models.quantize import TARGETS
 
     p = argparse.ArgumentParser(prog="edged", description="On-device language models for Raspberry Pi class boards.")
     p.add_argument("--version", action="version", version=f"edged {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    # --debug is also taken after the command; SUPPRESS keeps the top level's value when it is absent
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_IntermixedParser)
 
-    r = sub.add_parser("run", help="answer one prompt, or chat interactively")
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, parents=[common])
+        c.set_defaults(func=func)
+        return c
+
+    r = command("run", cmd_run, "answer one prompt, or chat interactively")
     r.add_argument("model")
     r.add_argument("prompt", nargs="?", help="prompt text ('-' reads stdin); omit for an interactive chat")
-    r.add_argument("--system", help="system message")
     r.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
-    r.add_argument("--temperature", type=float)
-    r.add_argument("--top-k", dest="top_k", type=int)
-    r.add_argument("--top-p", dest="top_p", type=float)
-    r.add_argument("--min-p", dest="min_p", type=float)
-    r.add_argument("--repeat-penalty", dest="repeat_penalty", type=float)
-    r.add_argument("--seed", type=int)
-    r.add_argument("--num-predict", dest="num_predict", type=int)
-    r.add_argument("--num-ctx", dest="num_ctx", type=int)
-    r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
     r.add_argument("--verbose", "-v", action="store_true", help="print timings")
-    r.set_defaults(func=cmd_run)
+    _add_request_flags(r)
 
-    pl = sub.add_parser("pull", help="prepare an embedded model (smollm2-135m)")
+    pl = command("pull", cmd_pull, "prepare an embedded model (smollm2-135m)")
     pl.add_argument("model")
     pl.add_argument("--target", choices=TARGETS, help="ISA to quantize for (default: this host)")
-    pl.set_defaults(func=cmd_pull)
 
-    c = sub.add_parser("convert", help="convert a Hugging Face folder or a .gguf file")
+    c = command("convert", cmd_convert, "convert a Hugging Face folder or a .gguf file")
     c.add_argument("source")
     c.add_argument("--name", required=True)
     c.add_argument("--target", choices=TARGETS, help="ISA to quantize for (default: this host)")
-    c.add_argument("--precision", choices=["int8"], default="int8")
     c.add_argument("--scheme", help=argparse.SUPPRESS)  # force a scheme (tests of the gate)
-    c.set_defaults(func=cmd_convert)
 
-    ls = sub.add_parser("list", help="list installed models")
+    ls = command("list", cmd_list, "list installed models")
     ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_list)
 
-    sh = sub.add_parser("show", help="show a model's manifest and quality gate")
+    sh = command("show", cmd_show, "show a model's manifest, generation defaults and quality gate")
     sh.add_argument("model")
     sh.add_argument("--json", action="store_true")
     sh.add_argument("--verify", action="store_true", help="re-hash every file")
-    sh.set_defaults(func=cmd_show)
 
-    rm = sub.add_parser("rm", help="delete a model")
+    rm = command("rm", cmd_rm, "delete a model")
     rm.add_argument("model")
-    rm.set_defaults(func=cmd_rm)
 
-    b = sub.add_parser("bench", help="benchmark against llama.cpp and onnxruntime-genai")
-    b.add_argument("--model", default="smollm2-135m")
-    # Why not import edged.ops.bench for its default: every edged command (serve included)
-    # builds this parser, and that import costs ~95 ms of start-up.
-    b.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: DEFAULT_ROUNDS in edged/ops/bench.py)")
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--no-anchors", action="store_true", help="measure edged only")
-    b.add_argument("--out", default="bench/results.json")
-    b.add_argument("--transport", action="store_true", help="also measure socket and MQTT overhead")
-    b.set_defaults(func=cmd_bench)
-
-    sv = sub.add_parser("serve", help="run the daemon (Unix socket + MQTT)")
+    sv = command("serve", cmd_serve, "run the daemon (Unix socket + MQTT)")
     sv.add_argument("--config", help="YAML config file (default: $EDGED_CONFIG, else built-in defaults)")
-    sv.set_defaults(func=cmd_serve)
 
-    a = sub.add_parser("ask", help="send one prompt to a running daemon")
+    a = command("ask", cmd_ask, "send one prompt to a running daemon")
     a.add_argument("prompt", help="prompt text ('-' reads stdin)")
     a.add_argument("--socket", help="daemon socket (default: $EDGED_SOCKET or the default path)")
     a.add_argument("--mqtt", metavar="HOST[:PORT]", help="ask over MQTT 5 instead of the socket")
     a.add_argument("--node", help="the daemon's MQTT node name (with --mqtt)")
     a.add_argument("--prefix", default="edged", help="MQTT topic prefix (default: edged)")
-    a.add_argument("--system", help="system message")
-    a.add_argument("--temperature", type=float)
-    a.add_argument("--num-predict", dest="num_predict", type=int)
-    a.add_argument("--seed", type=int)
     a.add_argument("--no-stream", action="store_true", help="one final frame instead of deltas")
     a.add_argument("--json", action="store_true", help="print the protocol frames")
     a.add_argument("--timeout", type=float, default=600, help="seconds to wait for the answer")
-    a.set_defaults(func=cmd_ask)
+    _add_request_flags(a)
 
-    st = sub.add_parser("status", help="status of a running daemon")
+    st = command("status", cmd_status, "status of a running daemon")
     st.add_argument("--socket", help="daemon socket (default: $EDGED_SOCKET or the default path)")
     st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_status)
     return p
 
 

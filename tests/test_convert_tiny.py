@@ -83,7 +83,7 @@ def test_pull_prepares_again_when_the_store_is_stale(tiny_store):
     """`edged pull` keeps a prepared model only if it is what it would make now."""
     import copy
 
-    from edged.cli import is_current
+    from edged.models.registry import is_current
 
     man = copy.deepcopy(tiny_store.get("tiny").manifest)
     man["source"]["sha256"] = "a" * 64

@@ -104,6 +104,7 @@ def _eos_ids(src: Source) -> list[int]:
 
 
 def _generation_defaults(src: Source) -> dict:
+    """Sampling settings the source's generation_config asks for (request option names)."""
     g = src.generation_config
     out = {}
     if g.get("do_sample") and g.get("temperature") is not None:
@@ -152,7 +153,13 @@ def convert(
     progress: Progress | None = None,
     source_info: dict | None = None,
     threads: int | None = None,
+    generation_defaults: dict | None = None,
 ) -> Model:
+    """Convert `source` into the store as `name`.
+
+    generation_defaults: the model's recommended request options, written to
+    generation.json and the manifest; None takes them from the source's generation_config.
+    """
     from edged.engine.runner import EngineConfig, GraphInfo, Runner
     from edged.models import gate as qgate
     from edged.models.builder import DecoderSpec, build_decoder, save_model
@@ -250,7 +257,9 @@ def convert(
             "eos_token_ids": eos,
             "bos_token": bos,
             "eos_token": eos_tok,
-            "generation_defaults": _generation_defaults(src),
+            "generation_defaults": (
+                dict(generation_defaults) if generation_defaults is not None else _generation_defaults(src)
+            ),
             "files_by_role": {
                 "model": "model.onnx",
                 **({"embedding": EMBEDDING_FILE} if (staging / EMBEDDING_FILE).is_file() else {}),
