@@ -216,7 +216,8 @@ def run_transport_bench(store, model_name: str, *, threads: int | None = None, r
                 "keep_alive": -1.0,
                 "engine": {"threads": threads},
                 "socket": {"path": str(tmp / "edged.sock")},
-                "mqtt": {"host": "127.0.0.1", "port": broker.port, "node": "bench", "telemetry_interval": 0.0},
+                "mqtt": {"host": "127.0.0.1", "port": broker.port, "node": "bench", "telemetry_interval": 0.0,
+                         "journal": str(tmp / "mqtt-journal.sqlite3")},
             }
         )
         server = Server(cfg, store=store, engine=engine)

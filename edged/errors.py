@@ -98,6 +98,12 @@ class LineTimeout(RequestError):
     code = "line_timeout"
 
 
+class Unavailable(EdgedError):
+    """A part the request needs (the request journal) failed; retry later."""
+
+    code = "unavailable"
+
+
 class DeadlineExceeded(EdgedError):
     code = "deadline_exceeded"
 

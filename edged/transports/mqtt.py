@@ -20,15 +20,16 @@ topic: ids, duplicates and cancels are per reply topic.
 Delivery: fixed client id, clean_start false and a session expiry, so the
 broker queues requests while we restart. Messages are acknowledged by hand
 once they are queued or answered: a request that arrives while we stop is left
-unacknowledged, and the broker hands it to the next run. Recent request ids are
-remembered so a QoS 1 redelivery re-sends the stored final frame (or is ignored
-while the first copy still runs) instead of running the prompt twice.
+unacknowledged, and the broker hands it to the next run. Every generation is
+recorded in the journal (journal.py, SQLite) before its acknowledgement and
+closed when its final frame is sent: at start, what was acknowledged but never
+answered (a crash, a power cut) runs again, and a redelivered copy is ignored
+while the first runs, or gets the stored final frame, across restarts too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import socket
@@ -41,16 +42,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged import __version__, protocol
-from edged.errors import EdgedError, MalformedRequest, RequestError
+from edged.errors import DuplicateRequest, EdgedError, MalformedRequest, RequestError, ShuttingDown, Unavailable
 from edged.logs import Repeats
+from edged.paths import edged_home
+from edged.transports.journal import Entry, Journal
 from edged.transports.topics import ReplyPolicy
 
 # Room for the fixed header, topic and properties of a PUBLISH around the payload cap.
 PACKET_OVERHEAD = 4096
 
 log = logging.getLogger("edged.mqtt")
-
-_RUNNING = object()  # dedup marker: the first copy of this request is still in the queue or running
 
 
 class MqttTransport:
@@ -69,8 +70,8 @@ class MqttTransport:
         self.connected = threading.Event()
         self.accepting = True
         self.connects = 0
-        self._recent: collections.OrderedDict = collections.OrderedDict()
-        self._recent_lock = threading.Lock()
+        self.journal = Journal(cfg.journal or edged_home() / "mqtt-journal.sqlite3", synchronous=cfg.journal_sync,
+                               max_answers=cfg.dedup_size, max_answer_bytes=cfg.dedup_bytes)
         self._telemetry: asyncio.Task | None = None
         self.repeats = Repeats()
         self.client = self._make_client()
@@ -153,6 +154,7 @@ class MqttTransport:
         props.SessionExpiryInterval = cfg.session_expiry
         # The broker drops larger publishes before they reach us (nothing to buffer or redeliver).
         props.MaximumPacketSize = self.server.config.max_request_bytes + PACKET_OVERHEAD
+        self._replay()
         # connect_async: a broker that is down at start is retried with backoff by the loop thread.
         self.client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=False, properties=props)
         self.client.loop_start()
@@ -164,11 +166,24 @@ class MqttTransport:
         # new arrivals are left unacknowledged so the broker redelivers them.
         self.accepting = False
 
+    def _replay(self) -> None:
+        """Run what was acknowledged but never answered (the last run crashed or lost power).
+        Replies wait in paho's queue until the broker is reached."""
+        entries = self.journal.unanswered()
+        if entries:
+            log.warning("MQTT: %d acknowledged request(s) were not answered by the last run: running them now", len(entries))
+        for entry in entries:
+            try:
+                self.server.receive(entry.payload, Requester.replay(self, entry))
+            except Exception:
+                log.exception("MQTT: replaying journal entry %d failed", entry.key)
+
     async def close(self) -> None:
         if self._telemetry:
             self._telemetry.cancel()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._close_blocking)
+        self.journal.close()
 
     def _close_blocking(self) -> None:
         if self.connected.is_set():
@@ -236,45 +251,54 @@ class MqttTransport:
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next run
         try:
-            cancel = msg.topic == self.cancel_topic or msg.topic.startswith(self.cancel_topic + "/")
-            self.server.receive(msg.payload, Requester(self, msg, cancel=cancel))
+            self.server.receive(msg.payload, Requester.received(self, msg))
         except Exception:
             self.repeats.error(log, "on_message", "MQTT: failed to handle a message", exc_info=True)
         if msg.qos > 0:
             client.ack(msg.mid, msg.qos)
 
     def admit(self, peer: "Requester", frame: protocol.Frame) -> bool:
-        """Deduplicate QoS 1 redeliveries of generations: a copy of a running request is
-        dropped, a copy of a finished one gets the stored final frame again."""
+        """Record a generation in the journal before its message is acknowledged. A copy of
+        one still queued or running is dropped; a copy of an answered one gets the stored
+        final frame again: QoS 1 redelivery never runs a prompt twice."""
         if frame.id is None and peer.corr_id is not None:
             frame.id = peer.corr_id  # so it can be cancelled and deduplicated
-        if frame.id is None or frame.op not in protocol.GEN_OPS:
+        if frame.op not in protocol.GEN_OPS or peer.journal_key is not None:  # a replay is recorded already
             return True
-        key = (peer.scope, frame.key)
-        with self._recent_lock:
-            seen = self._recent.get(key)
-            if seen is None:
-                self._recent[key] = _RUNNING
-                while len(self._recent) > self.cfg.dedup_size:
-                    self._recent.popitem(last=False)
-        if seen is _RUNNING:
-            log.info("MQTT: duplicate of running request %r ignored", frame.id)
+        props = {"response_topic": peer.topic, "correlation_data": peer.corr.hex() if peer.corr is not None else None,
+                 "expiry_at": peer.expiry_at, "device": peer.device}
+        try:
+            key, state, final = self.journal.begin(peer.scope, None if frame.id is None else frame.key, peer.arrived_on,
+                                                   peer.payload, props)
+        except Exception as e:
+            self.repeats.error(log, "journal", "MQTT: the journal failed: %s", e)
+            raise Unavailable("the request journal is unavailable; retry later") from None
+        if state == "pending":
+            log.info("MQTT: duplicate of queued or running request %r ignored", frame.id)
             return False
-        if seen is not None:
-            log.info("MQTT: duplicate of finished request %r: re-sending its result", frame.id)
-            peer.send(seen, True)
+        if state == "answered":
+            log.info("MQTT: duplicate of answered request %r: re-sending its result", frame.id)
+            if final is not None:
+                peer.publish(final)
+            else:
+                peer.send(protocol.error_frame(frame.id, DuplicateRequest(
+                    "this request was answered already; its answer was too large to keep for a re-send")), True)
             return False
-        peer.key = key
+        peer.journal_key = key
         return True
 
-    def remember(self, key, final: dict) -> None:
-        with self._recent_lock:
-            if key not in self._recent:
-                return
-            if "error" in final:
-                del self._recent[key]  # only answers are kept: a retry after an error runs again
-            else:
-                self._recent[key] = final
+    def finished(self, key: int, frame: dict, payload: bytes) -> bool:
+        """Close a journal entry as its final frame goes out; False: keep it (and send nothing).
+        The entry is closed before the publish: a crash between the two loses that one reply
+        rather than running the prompt twice."""
+        code = (frame.get("error") or {}).get("code")
+        if code == ShuttingDown.code:
+            return False  # stays in the journal: the next run answers it
+        try:
+            self.journal.finish(key, None if code else payload)
+        except Exception as e:
+            self.repeats.error(log, "journal", "MQTT: the journal failed: %s", e)
+        return True
 
     def announce(self, telemetry: dict, info: dict) -> None:
         """Publish an event on the telemetry topic and refresh the retained info with `info` added."""
@@ -324,30 +348,52 @@ class Requester(protocol.Peer):
 
     default_stream = False
 
-    def __init__(self, t: MqttTransport, msg, *, cancel: bool = False):
-        props = msg.properties
+    def __init__(self, t: MqttTransport, *, arrived_on: str, payload: bytes, response_topic: str | None,
+                 corr: bytes | None, expiry_at: float | None, cancel: bool = False, device: str | None = None):
         self.t = t
-        self.requested: str | None = getattr(props, "ResponseTopic", None) if props else None
-        self.topic: str | None = None  # set by route() once the policy allows it
-        self.corr: bytes | None = getattr(props, "CorrelationData", None) if props else None
-        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
-        self.deadline = time.monotonic() + expiry if expiry else None
+        self.arrived_on = arrived_on
+        self.payload = payload
+        self.requested = response_topic
+        self.topic: str | None = None  # set once the policy allows it
+        self.corr = corr
+        self.expiry_at = expiry_at
+        self.deadline = time.monotonic() + (expiry_at - time.time()) if expiry_at is not None else None
         self.default_op = "cancel" if cancel else None
-        self.device = t.device_of(msg.topic)
+        self.device = device
+        self.journal_key: int | None = None
         self._refused = None
         if self.requested is not None:  # known before the payload is decoded: errors about it go there
             try:
                 self.topic = t.policy.check(self.requested)
             except EdgedError as e:
                 self._refused = e
-        self.key = None
         self.corr_id = None
-        if self.corr is not None and len(self.corr) <= t.cfg.max_correlation_bytes:
+        if corr is not None and len(corr) <= t.cfg.max_correlation_bytes:
             try:
-                self.corr_id = self.corr.decode()
+                self.corr_id = corr.decode()
             except UnicodeDecodeError:
-                self.corr_id = self.corr.hex()
+                self.corr_id = corr.hex()
         self.scope = "mqtt:"
+
+    @classmethod
+    def received(cls, t: MqttTransport, msg) -> "Requester":
+        props = msg.properties
+        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        cancel = msg.topic == t.cancel_topic or msg.topic.startswith(t.cancel_topic + "/")
+        return cls(t, arrived_on=msg.topic, payload=msg.payload,
+                   response_topic=getattr(props, "ResponseTopic", None) if props else None,
+                   corr=getattr(props, "CorrelationData", None) if props else None,
+                   expiry_at=time.time() + expiry if expiry else None, cancel=cancel, device=t.device_of(msg.topic))
+
+    @classmethod
+    def replay(cls, t: MqttTransport, entry: Entry) -> "Requester":
+        p = entry.properties
+        corr = p.get("correlation_data")
+        peer = cls(t, arrived_on=entry.topic, payload=entry.payload, response_topic=p.get("response_topic"),
+                   corr=bytes.fromhex(corr) if corr is not None else None, expiry_at=p.get("expiry_at"),
+                   device=p.get("device"))
+        peer.journal_key = entry.key
+        return peer
 
     def route(self, obj: dict) -> None:
         if self.corr is not None and self.corr_id is None:
@@ -368,10 +414,14 @@ class Requester(protocol.Peer):
     def send(self, frame: dict, final: bool) -> None:
         if frame.get("id") is None and self.corr_id is not None:
             frame = {**frame, "id": self.corr_id}
-        if final and self.key is not None:
-            self.t.remember(self.key, frame)
+        payload = protocol.encode(frame)[:-1]
+        if final and self.journal_key is not None and not self.t.finished(self.journal_key, frame, payload):
+            return
+        self.publish(payload)
+
+    def publish(self, payload: bytes) -> None:
         props = Properties(PacketTypes.PUBLISH)
         if self.corr_id is not None:
             props.CorrelationData = self.corr
         props.ContentType = "application/json"
-        self.t.publish(self.topic or self.t.error_topic, protocol.encode(frame)[:-1], props)
+        self.t.publish(self.topic or self.t.error_topic, payload, props)

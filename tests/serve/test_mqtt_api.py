@@ -283,7 +283,7 @@ def test_daemon_restart_requests_waiting_in_broker_answered_once(start_daemon, b
     finals = dev.wait_finals(n)
     time.sleep(0.2)
     assert sorted(c for c, _ in dev.finals()) == sorted(f"w{i}".encode() for i in range(n))
-    assert all("response" in f for _, f in finals)
+    assert all("response" in f for _, f in finals), finals
     assert d2.server.scheduler.completed == n
 
 
