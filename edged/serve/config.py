@@ -81,7 +81,11 @@ class MqttConfig:
     pool_topic: str | None = None  # or from this topic (subscribed as $share/<shared_group>/... when set)
     qos: int = 1
     telemetry_interval: float = live(30.0)  # seconds; 0 = off
-    dedup_size: int = 1024  # answered request ids remembered against QoS 1 redelivery
+    dedup_size: int = 1024  # answered request ids remembered against QoS 1 redelivery (in the journal)
+    dedup_bytes: int = 4 << 20  # and at most this many bytes of their stored answers
+    # The request journal (SQLite): acknowledged requests survive a crash or power cut.
+    journal: str | None = None  # None = $EDGED_HOME/mqtt-journal.sqlite3
+    journal_sync: str = "full"  # full: durable before each acknowledgement; normal: faster, a power cut may lose the last ones
     # Topics replies may be published on (MQTT filter syntax). `$` topics and the
     # <prefix>/ tree are refused whatever these say. The defaults take topics ending
     # in /reply and anything under reply/ or replies/, never an actuator's .../set.
@@ -116,6 +120,33 @@ class MqttConfig:
 
 
 @dataclass(kw_only=True)
+class LimitsConfig:
+    """Per-requester limits (the scheduler applies them; a requester is a device identity
+    over MQTT when the broker vouches for one, else its reply address or connection).
+
+    Defaults leave a single local user unhindered: 4 requests at once is as many as
+    the default batch decodes together, and a per-requester token budget is off
+    because a board makes roughly 1,000-6,000 tokens a minute in all, so a useful
+    figure depends on how many devices share it; the queue cap and max_num_predict
+    already bound any one requester's share."""
+
+    max_queued_per_requester: int = live(4)  # queued + running per requester; 0 = no limit
+    tokens_per_minute: int = live(0)  # generated tokens per requester per rolling minute; 0 = off
+    max_priority: int = live(0)  # higher request priorities are lowered to this (not refused)
+    max_num_predict: int = live(1024)  # larger num_predict (and -1) is lowered to this
+
+    def __post_init__(self):
+        if self.max_queued_per_requester < 0:
+            raise ValueError("max_queued_per_requester must be >= 0 (0 = no limit)")
+        if self.tokens_per_minute < 0:
+            raise ValueError("tokens_per_minute must be >= 0 (0 = off)")
+        if not -100 <= self.max_priority <= 100:
+            raise ValueError("max_priority must be between -100 and 100")
+        if self.max_num_predict < 1:
+            raise ValueError("max_num_predict must be >= 1")
+
+
+@dataclass(kw_only=True)
 class Config:
     model: str = "smollm2-135m"
     models_dir: str | None = None  # None = $EDGED_HOME/models
@@ -132,6 +163,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)  # thermal/memory governor (edged/ops)
     engine: EngineConfig = field(default_factory=EngineConfig)  # onnxruntime settings (docs/engine.md)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # per-requester quotas and caps
     source: str | None = None  # the file this came from (for SIGHUP reload and messages)
 
     def __post_init__(self):
@@ -349,6 +381,8 @@ def _check_values(cfg: Config, where: str) -> None:
     for i, pattern in enumerate(m.reply_topics):
         if not _valid_filter(pattern):
             bad(f"mqtt.reply_topics[{i}]", f"{pattern!r} is not a valid MQTT topic filter")
+    if m.journal_sync not in ("full", "normal"):
+        bad("mqtt.journal_sync", "must be full or normal")
     if m.password is not None and m.password_file is not None:
         bad("mqtt.password", "and mqtt.password_file are exclusive")
     if (m.tls_cert is None) != (m.tls_key is None):
