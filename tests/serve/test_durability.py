@@ -1,0 +1,90 @@
+"""An acknowledged MQTT request is never lost and never answered twice: the daemon is
+SIGKILLed (as the OOM killer, systemd's watchdog or a pulled plug would end it) while
+requests are queued and running, then started again, with and without a broker restart
+in between. Real `edged serve` processes, a real mosquitto with persistence."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+
+import pytest
+from helpers import WAIT, DaemonProcess, Device, daemon_config, wait_for
+
+N = 8
+
+
+def _devices(broker, n):
+    # Persistent sessions: replies published while a device is away wait at the broker.
+    return [Device(broker, client_id=f"dur-{i}", clean=False).connect() for i in range(n)]
+
+
+def _final_counts(devices) -> dict:
+    counts = collections.Counter()
+    for d in devices:
+        for corr, _ in d.finals():
+            counts[corr] += 1
+    return counts
+
+
+@pytest.mark.parametrize("restart_broker", [False, True], ids=["daemon-killed", "daemon-killed-broker-restarted"])
+def test_sigkill_with_requests_queued_and_running_then_restart_answers_each_once(tmp_path, tiny_store, broker, restart_broker):
+    cfg = daemon_config(tmp_path, tiny_store.root, broker=broker, batch_size=2)
+    first = DaemonProcess(tmp_path, cfg).wait_ready()
+    wait_for(lambda: "MQTT: connected" in first.logtext(), what="the daemon's MQTT connection")
+    devices = _devices(broker, N)
+    for i, dev in enumerate(devices):
+        # streamed, so "the first one streams" is visible; long enough that most are still queued
+        dev.request({"id": f"r{i}", "prompt": f"count to {i}", "stream": True, "options": {"num_predict": 400}},
+                    corr=f"r{i}".encode())
+    wait_for(lambda: any("delta" in f for d in devices for _, f in d.frames), what="the first delta")
+    first.proc.kill()
+    first.proc.wait(WAIT)
+    answered_before = sum(_final_counts(devices).values())
+    assert answered_before < N, "the kill came too late to test anything"
+    if restart_broker:
+        broker.restart()
+        wait_for(lambda: all(d.c.is_connected() for d in devices), what="devices to reconnect")
+
+    second = DaemonProcess(tmp_path, cfg)
+    try:
+        second.wait_ready()
+        wait_for(lambda: len(_final_counts(devices)) == N, what="every request answered")
+        time.sleep(1.0)  # a duplicate would arrive now
+        counts = _final_counts(devices)
+        assert sorted(counts) == sorted(f"r{i}".encode() for i in range(N))
+        assert set(counts.values()) == {1}, counts  # none lost, none twice
+        for d in devices:
+            for _, f in d.finals():
+                assert "response" in f and f["done_reason"] in ("stop", "length"), f
+        assert "acknowledged request(s) were not answered by the last run" in second.logtext()
+        print(f"\nSIGKILL{' + broker restart' if restart_broker else ''}: {answered_before} answered before the kill, "
+              f"{N - answered_before} replayed after it; lost 0, duplicated 0")
+    finally:
+        second.stop()
+        for d in devices:
+            d.close()
+
+
+def test_redelivery_memory_survives_a_restart(tmp_path, tiny_store, broker):
+    """A device that sends the same request again after the daemon restarted gets the stored
+    answer, not a second run."""
+    cfg = daemon_config(tmp_path, tiny_store.root, broker=broker)
+    dev = Device(broker).connect()
+    req = {"id": "same", "prompt": "hi", "options": {"num_predict": 4, "seed": 1}}
+    with DaemonProcess(tmp_path, cfg) as d:
+        d.wait_ready()
+        wait_for(lambda: "MQTT: connected" in d.logtext(), what="MQTT connection")
+        dev.request(req, corr=b"same")
+        (_, first), = dev.wait_finals(1)
+        d.stop()
+    with DaemonProcess(tmp_path, cfg) as d:
+        d.wait_ready()
+        wait_for(lambda: "MQTT: connected" in d.logtext(), what="MQTT connection")
+        dev.request(req, corr=b"same")
+        (_, a), (_, b) = dev.wait_finals(2)
+        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # the stored frame, byte for byte
+        assert "re-sending its result" in d.logtext()
+        d.stop()
+    dev.close()
