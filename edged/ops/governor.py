@@ -33,7 +33,7 @@ from typing import Callable
 
 from edged.errors import Busy, EdgedError
 from edged.settings import live
-from edged.ops.sources import Sample, Sources, decode_throttled
+from edged.ops.sources import Sample, Sources, decode_throttled, rss_bytes
 
 log = logging.getLogger("edged.governor")
 
@@ -258,7 +258,7 @@ class Governor:
                     rooms.append((cg[key] - cg["current"] - reserve,
                                   f"cgroup memory.current {cg['current'] // MB} of memory.{key} {cg[key] // MB} MiB"))
         if c.memory_limit_mb is not None:
-            used = _rss()
+            used = rss_bytes()
             if used is not None:
                 rooms.append((c.memory_limit_mb * MB - used - reserve,
                               f"RSS {used // MB} of memory_limit_mb {c.memory_limit_mb} MiB"))
@@ -446,12 +446,3 @@ class Governor:
 def _mb(n: int) -> int:
     return int(n) // MB
 
-
-def _rss() -> int | None:
-    try:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None

@@ -128,6 +128,15 @@ def read_cpufreq(root: Path, cpu: int = 0) -> dict | None:
     }
 
 
+def rss_bytes() -> int | None:
+    """This process's resident memory."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def read_meminfo(root: Path) -> dict:
     out = {}
     text = _read(root / "proc/meminfo") or ""

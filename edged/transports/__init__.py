@@ -1,12 +1,31 @@
 """Transports: each one receives requests from its kind of client, hands the raw
 bytes and a `Peer` to `Server.receive`, and sends back what the peer is given.
 
-A transport class has `name`, `enabled(config)`, and async `start()`,
-`stop_accepting()`, `close()`, plus `describe()` and `reconfigure()`."""
+A transport subclasses `Transport` and has async `start()`, `stop_accepting()`,
+`close()`, plus `describe()` and `reconfigure()`."""
 
 from __future__ import annotations
 
 import importlib
+
+class Transport:
+    name = ""  # as shown in status
+    section = ""  # its config section, which has `enabled`
+
+    def __init__(self, server):
+        self.server = server
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return getattr(config, cls.section).enabled
+
+    @property
+    def cfg(self):
+        return getattr(self.server.config, self.section)
+
+    def reconfigure(self) -> None:
+        """SIGHUP: the live keys of its section are read on use unless a transport says otherwise."""
+
 
 # module:class, in start order
 _TRANSPORTS = ("edged.transports.unix:UnixTransport", "edged.transports.mqtt:MqttTransport")

@@ -45,6 +45,7 @@ from edged import __version__, protocol
 from edged.errors import DuplicateRequest, EdgedError, MalformedRequest, RequestError, ShuttingDown, Unavailable
 from edged.logs import Repeats
 from edged.paths import edged_home
+from edged.transports import Transport
 from edged.transports.journal import Entry, Journal
 from edged.transports.topics import ReplyPolicy
 
@@ -54,11 +55,12 @@ PACKET_OVERHEAD = 4096
 log = logging.getLogger("edged.mqtt")
 
 
-class MqttTransport:
+class MqttTransport(Transport):
     name = "mqtt"
+    section = "mqtt"
 
     def __init__(self, server):
-        self.server = server
+        super().__init__(server)
         cfg = server.config.mqtt
         self.base = f"{cfg.prefix}/{cfg.node}"
         self.request_topic = f"{self.base}/request"
@@ -75,14 +77,6 @@ class MqttTransport:
         self._telemetry: asyncio.Task | None = None
         self.repeats = Repeats()
         self.client = self._make_client()
-
-    @staticmethod
-    def enabled(config) -> bool:
-        return config.mqtt.enabled
-
-    @property
-    def cfg(self):
-        return self.server.config.mqtt
 
     @property
     def policy(self) -> ReplyPolicy:
@@ -207,9 +201,6 @@ class MqttTransport:
 
     def describe(self) -> dict:
         return {"broker": f"{self.cfg.host}:{self.cfg.port}", "connected": self.connected.is_set(), "node": self.cfg.node}
-
-    def reconfigure(self) -> None:
-        pass  # telemetry_interval is read on use
 
     # -- paho callbacks (paho's network thread) ----------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties):
