@@ -176,7 +176,7 @@ def test_oversized_line_is_rejected_and_connection_continues(start_daemon):
 
 def test_socket_mode_and_stale_socket_file(start_daemon, tmp_path):
     path = tmp_path / "run" / "edged.sock"
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, mode=0o700)  # outside a runtime directory the daemon accepts only 0700
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))  # a crash leaves the file behind with nobody listening
     stale.close()
