@@ -111,10 +111,12 @@ class BatchDecoder:
         prepared: Prepared,
         *,
         cancel: threading.Event | None = None,
+        deadline: float | None = None,
         on_delta: Callable[[str], None],
         on_done: Callable[[dict], None],
     ) -> int:
-        """Prefill a request into a free slot (runs the prompt now)."""
+        """Prefill a request into a free slot (runs the prompt now). Past `deadline`
+        (time.monotonic()) it makes no further token and ends with done_reason "deadline"."""
         if prepared.capacity > self.max_capacity:
             raise ContextOverflow(
                 f"request needs {prepared.capacity} tokens of context; batched slots hold {self.max_capacity}"
@@ -136,7 +138,7 @@ class BatchDecoder:
                 io.bind_cpu_input("attention_mask", np.ones((1, end), dtype=np.int64))
                 eng.runner.session.run_with_iobinding(io)
         t1 = time.perf_counter_ns()
-        slot = Slot(Decoder(eng, prepared, cancel), on_delta, on_done, length=n, t_start=t0, t_prompt=t1 - t0, t_eval_start=t1, load_ns=load_ns)
+        slot = Slot(Decoder(eng, prepared, cancel, deadline=deadline), on_delta, on_done, length=n, t_start=t0, t_prompt=t1 - t0, t_eval_start=t1, load_ns=load_ns)
         self.active[b] = slot
         self._consume(b, slot, self._row_logits[b][0, -1])
         return b

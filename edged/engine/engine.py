@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -98,8 +98,10 @@ class Engine:
             return "\n".join(m["content"] for m in messages)
         return self.template.render(messages, add_generation_prompt=True)
 
-    def prepare(self, req: GenerateRequest) -> Prepared:
+    def prepare(self, req: GenerateRequest, *, max_predict: int | None = None) -> Prepared:
         opts = Options.from_dict(req.options, base=self.defaults)
+        if max_predict is not None and not 0 < opts.num_predict <= max_predict:
+            opts = replace(opts, num_predict=max_predict)  # the daemon's cap; -1 (to the context's end) too
         text = self.render(req)
         tokens = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not tokens:
@@ -139,13 +141,16 @@ class Engine:
 
 class Decoder:
     """Per-request decoding state: sampling, EOS, stop strings, detokenization,
-    limits and cancellation. Shared by Generation (one request) and
+    limits, deadline and cancellation. Shared by Generation (one request) and
     batch.BatchDecoder (several requests advancing together)."""
 
-    def __init__(self, engine: "Engine", prepared: Prepared, cancel: threading.Event | None):
+    def __init__(
+        self, engine: "Engine", prepared: Prepared, cancel: threading.Event | None, *, deadline: float | None = None
+    ):
         self.eos = engine.eos_ids
         self.p = prepared
         self.cancel = cancel or threading.Event()
+        self.deadline = deadline  # time.monotonic() after which no further token is made
         self.sampler = Sampler(prepared.options)
         self.detok = IncrementalDecoder(engine.tokenizer)
         self.stops = StopMatcher(prepared.options.stop)
@@ -159,6 +164,8 @@ class Decoder:
         """Consume next-token logits: return (text to emit, token to feed next or None when done)."""
         if self.cancel.is_set():
             return self._finish("cancel"), None
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return self._finish("deadline"), None
         tok = self.sampler(logits, self.history)
         self.n += 1
         if tok in self.eos:

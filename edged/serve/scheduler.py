@@ -6,6 +6,25 @@ batching, engine/batch.py): decoding is memory-bound, so one step that advances
 every active request costs little more than a step for one. A single stream is
 a batch of one. Between steps, queued requests are prefilled into free slots.
 
+Fairness (`limits`, a LimitsConfig, read on every use so SIGHUP changes apply
+at once). A requester is `job.owner`:
+- it may have `max_queued_per_requester` requests queued or running; more get
+  `busy` with a retry hint;
+- with `tokens_per_minute`, a request is admitted only when the tokens it may
+  make (its num_predict after the caps) fit in what the requester generated
+  over the last minute plus what its queued and running requests may still
+  make; otherwise `busy`, with `retry_after_ms` from when enough of the minute
+  expires. A request holds its full allowance until it ends, then only what it
+  generated counts;
+- priorities above `max_priority` are lowered to it; num_predict above
+  `max_num_predict` (and -1) is lowered to it when the request is prepared;
+- among queued requests of equal priority, the one whose requester has the
+  fewest running goes first, then the one whose requester was served least
+  recently, then arrival order: requesters take turns, so one with several
+  queued cannot keep another's single request waiting behind all of them;
+- a running request past its deadline stops at its next token and ends with
+  its partial text and done_reason "deadline".
+
 The scheduler knows nothing of wire frames: a job reports its text deltas and
 its end through the `Sink` the server gave it (called on the worker thread).
 
@@ -25,6 +44,7 @@ import gc
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,8 +53,27 @@ from typing import Any, Callable, Protocol
 from edged.engine.batch import BatchDecoder
 from edged.engine.request import GenerateRequest
 from edged.errors import Busy, Cancelled, DeadlineExceeded, DuplicateRequest, EdgedError, ShuttingDown
+from edged.serve.config import LimitsConfig
 
 log = logging.getLogger("edged.scheduler")
+
+WINDOW = 60.0  # seconds: tokens_per_minute counts over a rolling minute
+
+
+class _Budget:
+    """One requester's tokens: what its requests generated in the last WINDOW seconds
+    (counted when each ended), and what its queued and running ones may still make."""
+
+    __slots__ = ("spent", "held")
+
+    def __init__(self):
+        self.spent: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic end time, tokens)
+        self.held = 0
+
+    def used(self, now: float) -> int:
+        while self.spent and self.spent[0][0] <= now - WINDOW:
+            self.spent.popleft()
+        return self.held + sum(n for _, n in self.spent)
 
 
 class Sink(Protocol):
@@ -62,6 +101,7 @@ class Job:
     tokens: int = 0  # deltas emitted so far
     text: list[str] = field(default_factory=list)
     error: Exception | None = None  # set when its own callbacks failed: it ends alone, with this
+    held: int = 0  # tokens held against its owner's per-minute budget until it ends
 
     @property
     def key(self) -> tuple[str, str] | None:
@@ -91,12 +131,19 @@ class Scheduler:
         retry_after_ms: int = 1000,
         engine: Any = None,
         batch_size: int = 1,
+        limits: LimitsConfig | None = None,
     ):
         self.loader = loader  # () -> Engine; called again after an idle unload
         self.batch_size = batch_size
         self.queue_size = queue_size
         self.keep_alive = keep_alive
         self.retry_after_ms = retry_after_ms
+        # Shared with the daemon's Config, which SIGHUP updates in place.
+        self.limits = limits if limits is not None else LimitsConfig()
+        self._budgets: dict[str, _Budget] = {}
+        self._swept = time.monotonic()
+        self._last_start: dict[str, int] = {}  # owner -> when it last had a job started (a counter)
+        self._starts = itertools.count()
         self.admission_hooks: list[Callable[[Job], EdgedError | None]] = []
         self.token_hooks: list[Callable[[Job, int], None]] = []
         self.load_hooks: list[Callable[[], None]] = []
@@ -140,6 +187,8 @@ class Scheduler:
                 self._cv.wait(timeout=max(0.0, min(0.5, end - time.monotonic())))
             leftovers = [j for _, _, j in self._heap]
             self._heap.clear()
+            for job in leftovers:
+                self._settle(job, 0)
             self._stopping = True
             for job in self.active:
                 job.cancel.set()
@@ -152,7 +201,9 @@ class Scheduler:
     # -- submission ------------------------------------------------------------
     def submit(self, job: Job) -> int:
         """Queue a job; returns its queue position (1 = next). Raises Busy,
-        ShuttingDown, DuplicateRequest or DeadlineExceeded without queueing."""
+        ShuttingDown, DuplicateRequest or DeadlineExceeded without queueing.
+        A priority above limits.max_priority is lowered to it."""
+        job.priority = min(job.priority, self.limits.max_priority)
         for hook in self.admission_hooks:
             err = hook(job)
             if err is not None:
@@ -165,6 +216,7 @@ class Scheduler:
             key = job.key
             if key is not None and key in self._jobs:
                 raise DuplicateRequest(f"request id {job.rid!r} is already queued or running", field="id")
+            hold = self._owner_admits(job)
             if len(self._heap) >= self.queue_size:
                 raise Busy(
                     f"queue full ({len(self._heap)} waiting); retry later",
@@ -174,6 +226,9 @@ class Scheduler:
             job.seq = next(self._seq)
             job.state = "queued"
             heapq.heappush(self._heap, (-job.priority, job.seq, job))
+            if hold:
+                job.held = hold
+                self._budgets.setdefault(job.owner, _Budget()).held += hold
             if key is not None:
                 self._jobs[key] = job
             self._cv.notify_all()
@@ -191,6 +246,7 @@ class Scheduler:
             self._heap = [e for e in self._heap if e[2] is not job]
             heapq.heapify(self._heap)
             del self._jobs[job.key]
+            self._settle(job, 0)
             self._cv.notify_all()
         job.finish(error=Cancelled("cancelled before it started"))
         return True
@@ -233,6 +289,88 @@ class Scheduler:
             return max(1, int(avg_ms * ahead / max(1, self.batch_size)))
         return self.retry_after_ms
 
+    # -- per-requester limits (self._cv held) --------------------------------------
+    def predict_cap(self) -> int:
+        """The most tokens one request may generate: max_num_predict, and no more
+        than a whole minute's budget when tokens_per_minute is set."""
+        lim = self.limits
+        return min(lim.max_num_predict, lim.tokens_per_minute) if lim.tokens_per_minute else lim.max_num_predict
+
+    def _owner_admits(self, job: Job) -> int:
+        """Raise Busy when the job's owner is at its request or token limit; else return
+        the tokens the job holds against the owner's budget (0 when there is none)."""
+        lim = self.limits
+        mine = [j for j in self.active if j.owner == job.owner] + [e[2] for e in self._heap if e[2].owner == job.owner]
+        cap = lim.max_queued_per_requester
+        if cap and len(mine) >= cap:
+            raise Busy(
+                f"{len(mine)} requests from this requester are queued or running (at most {cap}); retry later",
+                retry_after_ms=self._retry_after(self._ahead_of_first(mine)),
+            )
+        tpm = lim.tokens_per_minute
+        if not tpm:
+            return 0
+        now = time.monotonic()
+        if now - self._swept > WINDOW:
+            self._swept = now
+            for owner, b in list(self._budgets.items()):
+                if not b.used(now):
+                    del self._budgets[owner]
+        cost = self._token_cost(job)
+        b = self._budgets.get(job.owner)
+        over = (b.used(now) if b else 0) + cost - tpm
+        if over > 0:
+            raise Busy(
+                f"this requester's token budget is spent ({tpm} tokens a minute; this request may make {cost}); retry later",
+                retry_after_ms=self._budget_retry(b, over, now, mine),
+            )
+        return cost
+
+    def _token_cost(self, job: Job) -> int:
+        """The most tokens the job may generate, from its options before it is prepared."""
+        n = job.request.options.get("num_predict") if job.request is not None else None
+        if n is None and self.engine is not None:
+            n = self.engine.defaults.num_predict
+        cap = self.predict_cap()
+        return cap if n is None or n < 0 else min(n, cap)
+
+    def _budget_retry(self, b: _Budget | None, over: int, now: float, mine: list[Job]) -> int:
+        """Milliseconds until `over` tokens of the owner's minute have expired: the
+        earliest a retry of the same request could fit."""
+        freed = 0
+        for t, n in b.spent if b else ():
+            freed += n
+            if freed >= over:
+                return max(1, math.ceil((t + WINDOW - now) * 1000))
+        # The rest is held by its own queued and running requests: they give back what
+        # they did not use when they end, and what they used expires a minute later.
+        last = math.ceil((b.spent[-1][0] + WINDOW - now) * 1000) if b and b.spent else 1
+        return max(1, last, self._retry_after(self._ahead_of_first(mine)) if mine else 1)
+
+    def _ahead_of_first(self, mine: list[Job]) -> int:
+        """Requests to finish before the first of `mine` does (itself included)."""
+        if any(j.state == "running" for j in mine):
+            return 1
+        keys = sorted((p, s) for p, s, _ in self._heap)
+        first = min(((-j.priority, j.seq) for j in mine), default=None)
+        return len(self.active) + (keys.index(first) + 1 if first in keys else 1)
+
+    def _settle(self, job: Job, generated: int) -> None:
+        """The job ended: give back what it held; count what it generated for a minute."""
+        if not job.held and not generated:
+            return
+        b = self._budgets.get(job.owner)
+        if b is None:
+            if not self.limits.tokens_per_minute:
+                return
+            b = self._budgets[job.owner] = _Budget()
+        b.held = max(0, b.held - job.held)
+        job.held = 0
+        if generated and self.limits.tokens_per_minute:
+            b.spent.append((time.monotonic(), generated))
+        if not b.held and not b.spent:
+            del self._budgets[job.owner]
+
     def _forget(self, job: Job) -> None:
         with self._cv:
             if job.key is not None and self._jobs.get(job.key) is job:
@@ -247,8 +385,10 @@ class Scheduler:
                 if self._stopping and not self.active:
                     return
                 admit = []
+                running = collections.Counter(j.owner for j in self.active)
                 while self._heap and not self._stopping and len(self.active) + len(admit) < self.batch_size:
-                    _, _, job = heapq.heappop(self._heap)
+                    job = self._pop_next(running)
+                    running[job.owner] += 1
                     job.state = "running"
                     admit.append(job)
                 self.active.extend(admit)
@@ -259,6 +399,21 @@ class Scheduler:
                     self._fail(job, e)
             if self._batch is not None and self._batch.active:
                 self._step()
+
+    def _pop_next(self, running: collections.Counter) -> Job:
+        """The next job (self._cv held): highest priority; among equals, the one whose
+        owner has the fewest running, then whose owner started one least recently
+        (never, for an owner with nothing queued or running), then the oldest."""
+        heap, last = self._heap, self._last_start
+        i = min(range(len(heap)), key=lambda k: (heap[k][0], running[heap[k][2].owner], last.get(heap[k][2].owner, -1), heap[k][1]))
+        job = heap[i][2]
+        heap[i] = heap[-1]
+        heap.pop()
+        heapq.heapify(heap)
+        present = {e[2].owner for e in heap} | set(running) | {job.owner}
+        self._last_start = {o: n for o, n in last.items() if o in present}
+        self._last_start[job.owner] = next(self._starts)
+        return job
 
     def _idle_wait(self) -> None:
         """Wait for work (self._cv held); unload the model once it has been idle for keep_alive."""
@@ -302,7 +457,7 @@ class Scheduler:
             self._batch = BatchDecoder(engine, slots=self.batch_size)
         t_start = time.monotonic()
         job.started = self.progressed = t_start
-        prepared = engine.prepare(job.request)  # template + tokenize + context check
+        prepared = engine.prepare(job.request, max_predict=self.predict_cap())  # template + tokenize + context check
         prepare_ns = int((time.monotonic() - t_start) * 1e9)
 
         def on_delta(delta: str) -> None:
@@ -329,7 +484,7 @@ class Scheduler:
             self.completed += 1
             self._end(job, text="".join(job.text), stats=s)
 
-        self._batch.add(prepared, cancel=job.cancel, on_delta=on_delta, on_done=on_done)
+        self._batch.add(prepared, cancel=job.cancel, deadline=job.deadline, on_delta=on_delta, on_done=on_done)
 
     def _step(self) -> None:
         try:
@@ -350,6 +505,7 @@ class Scheduler:
         job.finish(text, stats, error)
         self._forget(job)
         with self._cv:
+            self._settle(job, stats["eval_count"] if stats and "eval_count" in stats else job.tokens)
             if job in self.active:
                 self.active.remove(job)
             self._last_used = time.monotonic()

@@ -82,6 +82,7 @@ class Server:
             retry_after_ms=cfg.retry_after_ms,
             engine=engine,
             batch_size=cfg.batch_size,
+            limits=cfg.limits,  # the same object SIGHUP updates: changes apply at once
         )
         self.scheduler.start()
         self.transports = enabled_transports(self)

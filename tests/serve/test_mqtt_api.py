@@ -279,7 +279,7 @@ def test_daemon_restart_requests_waiting_in_broker_answered_once(start_daemon, b
         dev.request({**GEN, "id": f"w{i}"}, corr=f"w{i}".encode())
     time.sleep(0.1)
     assert dev.finals() == []
-    d2 = start_daemon(broker=broker)  # same client id: the broker delivers what it queued
+    d2 = start_daemon(broker=broker, limits__max_queued_per_requester=0)  # same client id: the broker delivers what it queued
     finals = dev.wait_finals(n)
     time.sleep(0.2)
     assert sorted(c for c, _ in dev.finals()) == sorted(f"w{i}".encode() for i in range(n))
@@ -288,7 +288,8 @@ def test_daemon_restart_requests_waiting_in_broker_answered_once(start_daemon, b
 
 
 def test_shared_subscription_splits_requests_between_boards(start_daemon, broker, device_factory, tmp_path):
-    common = {"mqtt__shared_group": "farm", "mqtt__pool_topic": "edged/pool/request", "queue_size": 100}
+    common = {"mqtt__shared_group": "farm", "mqtt__pool_topic": "edged/pool/request", "queue_size": 100,
+              "limits__max_queued_per_requester": 0}  # one device sends all 20 at once
     a = start_daemon(broker=broker, mqtt__node="a", **common)
     b = start_daemon(broker=broker, mqtt__node="b", socket__path=str(tmp_path / "b.sock"), **common)
     mqtt_ready(a)
@@ -425,9 +426,10 @@ def test_request_arriving_during_shutdown_goes_to_the_next_run(start_daemon, bro
 
 
 def test_shared_group_on_the_wildcard_request_topic(start_daemon, broker, device_factory, tmp_path):
-    a = start_daemon(broker=broker, mqtt__node="a", mqtt__shared_group="farm", queue_size=100)
+    a = start_daemon(broker=broker, mqtt__node="a", mqtt__shared_group="farm", queue_size=100,
+                     limits__max_queued_per_requester=0)  # one device sends all 20 at once
     b = start_daemon(broker=broker, mqtt__node="b", mqtt__shared_group="farm", queue_size=100,
-                     socket__path=str(tmp_path / "b.sock"))  # fmt: skip
+                     limits__max_queued_per_requester=0, socket__path=str(tmp_path / "b.sock"))  # fmt: skip
     mqtt_ready(a)
     mqtt_ready(b)
     time.sleep(0.1)  # let both SUBACKs land

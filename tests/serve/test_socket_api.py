@@ -79,7 +79,7 @@ def test_status_models_health_ops(start_daemon):
 
 
 def test_several_requests_per_connection_are_matched_by_id(start_daemon):
-    d = start_daemon()
+    d = start_daemon(limits__max_queued_per_requester=0)  # five at once from one requester
     with d.client() as c:
         for i in range(5):
             c.send({"id": f"r{i}", **GEN})
@@ -253,7 +253,7 @@ def test_expired_request_is_dropped_never_run(start_daemon):
 
 
 def test_priority_runs_higher_first(start_daemon):
-    d = start_daemon()
+    d = start_daemon(limits__max_priority=100)  # senders may choose any priority
     gate = Gate(at=1)
     order = []
     d.server.scheduler.token_hooks.append(gate)
