@@ -73,6 +73,7 @@ class Ops:
         ctx = self.server.model_info.get("context_length") or 2048
         if n_pred is None or n_pred < 0:
             n_pred = min(gen.options.get("num_ctx") or ctx, ctx)
+        n_pred = min(n_pred, self.server.config.limits.max_num_predict)  # the scheduler caps it so
         tokens = min(chars // 3 + 16 + n_pred, gen.options.get("num_ctx") or ctx, ctx)
         sched, size = self.server.scheduler, self.server.model_info.get("size") or 0
         load = int(size * gov.config.load_factor) if sched is not None and sched.engine is None else 0
