@@ -120,6 +120,22 @@ class MqttConfig:
 
 
 @dataclass(kw_only=True)
+class RouteConfig:
+    """An MQTT route: payloads on `topic` become a prompt; the answer goes to `publish`."""
+
+    name: str
+    topic: str  # MQTT filter, e.g. sensors/+/reading
+    prompt: str  # Jinja (sandboxed): payload (parsed JSON, else None), text, topic, levels
+    system: str | None = None  # the route's system prompt (pinned in the prefix cache)
+    options: dict = field(default_factory=dict)  # Ollama options, as in a request
+    format: dict | str | None = None  # "json" or a JSON schema the answer must follow
+    publish: str = ""  # topic template: {0}, {1}... are the levels of the incoming topic
+    qos: int = 1
+    retain: bool = False
+    min_interval_s: float = 0.0  # per source topic: readings closer than this wait (newest wins)
+
+
+@dataclass(kw_only=True)
 class LimitsConfig:
     """Per-requester limits (the scheduler applies them; a requester is a device identity
     over MQTT when the broker vouches for one, else its reply address or connection).
@@ -164,6 +180,7 @@ class Config:
     governor: GovernorConfig = field(default_factory=GovernorConfig)  # thermal/memory governor (edged/ops)
     engine: EngineConfig = field(default_factory=EngineConfig)  # onnxruntime settings (docs/engine.md)
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # per-requester quotas and caps
+    routes: list[RouteConfig] = live(factory=list)  # MQTT topic -> prompt -> topic (docs/routes.md)
     source: str | None = None  # the file this came from (for SIGHUP reload and messages)
 
     def __post_init__(self):
@@ -303,6 +320,17 @@ def _coerce(value, hint, name: str, where: str):
         if not isinstance(value, list):
             raise bad()
         return [_coerce(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {name!r} must be a mapping", key=name, file=where)
+        try:
+            return hint(**_build(hint, value, where, prefix=f"{name}."))
+        except TypeError as e:  # a required key is missing
+            raise ConfigError(f"{where}: {name!r}: {e}", key=name, file=where) from None
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return value
     if hint is bool:
         if not isinstance(value, bool):
             raise bad()
@@ -328,9 +356,10 @@ def _describe(hint) -> str:
         return " or ".join(_describe(a) for a in args)
     if typing.get_origin(hint) is list:
         return f"a list of {_describe(args[0])}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
-        hint, str(hint)
-    )
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+            dict: "a mapping"}.get(hint, str(hint))
 
 
 def _valid_filter(f: str) -> bool:
@@ -381,6 +410,19 @@ def _check_values(cfg: Config, where: str) -> None:
     for i, pattern in enumerate(m.reply_topics):
         if not _valid_filter(pattern):
             bad(f"mqtt.reply_topics[{i}]", f"{pattern!r} is not a valid MQTT topic filter")
+    names = [r.name for r in cfg.routes]
+    for i, r in enumerate(cfg.routes):
+        where_r = f"routes[{i}]"
+        if not r.name or names.count(r.name) > 1:
+            bad(f"{where_r}.name", "must be a unique non-empty name")
+        if not _valid_filter(r.topic):
+            bad(f"{where_r}.topic", f"{r.topic!r} is not a valid MQTT topic filter")
+        if not r.publish or "+" in r.publish or "#" in r.publish:
+            bad(f"{where_r}.publish", "must be a topic template without wildcards, e.g. alerts/{1}/summary")
+        if r.qos not in (0, 1, 2):
+            bad(f"{where_r}.qos", "must be 0, 1 or 2")
+        if r.min_interval_s < 0:
+            bad(f"{where_r}.min_interval_s", "must be >= 0")
     if m.journal_sync not in ("full", "normal"):
         bad("mqtt.journal_sync", "must be full or normal")
     if m.password is not None and m.password_file is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Callable
 from edged import __version__, protocol
 from edged.errors import ConfigError, EdgedError, ModelNotFound, ShuttingDown
 from edged.protocol import Frame, Peer
+from edged.ops.sources import rss_bytes
 from edged.serve.config import Config, live_keys
 from edged.serve.scheduler import Job, Scheduler
 
@@ -269,14 +269,6 @@ class Replies:
 
     def failed(self, job: Job, error: Exception) -> None:
         self._send(protocol.error_frame(self.frame.id, error), True)
-
-
-def rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -47,6 +47,7 @@ from edged.logs import Repeats
 from edged.paths import edged_home
 from edged.transports import Transport
 from edged.transports.journal import Entry, Journal
+from edged.transports.routes import Routes
 from edged.transports.topics import ReplyPolicy
 
 # Room for the fixed header, topic and properties of a PUBLISH around the payload cap.
@@ -76,6 +77,8 @@ class MqttTransport(Transport):
                                max_answers=cfg.dedup_size, max_answer_bytes=cfg.dedup_bytes)
         self._telemetry: asyncio.Task | None = None
         self.repeats = Repeats()
+        self.routes = Routes(self)
+        self._route_filters = self.routes.filters()
         self.client = self._make_client()
 
     @property
@@ -99,7 +102,7 @@ class MqttTransport(Transport):
         subs.append(self.cancel_topic)
         if cfg.device_topics or cfg.require_device:
             subs.append(f"{self.cancel_topic}/+")
-        return subs
+        return subs + self.routes.filters()
 
     def device_of(self, topic: str) -> str | None:
         """The <device> level of a per-device request or cancel topic, else None."""
@@ -200,7 +203,22 @@ class MqttTransport(Transport):
             time.sleep(0.01)
 
     def describe(self) -> dict:
-        return {"broker": f"{self.cfg.host}:{self.cfg.port}", "connected": self.connected.is_set(), "node": self.cfg.node}
+        return {"broker": f"{self.cfg.host}:{self.cfg.port}", "connected": self.connected.is_set(), "node": self.cfg.node,
+                "routes": self.routes.describe()}
+
+    def reconfigure(self) -> None:
+        """SIGHUP: routes are reloaded and their subscriptions follow."""
+        self.routes.load(self.server.config.routes)
+        new = self.routes.filters()
+        gone = [f for f in self._route_filters if f not in new]
+        added = [f for f in new if f not in self._route_filters]
+        self._route_filters = new
+        if self.connected.is_set():
+            if gone:
+                self.client.unsubscribe(gone)
+            if added:
+                self.client.subscribe([(f, self.cfg.qos) for f in added])
+            self.client.publish(self.info_topic, json.dumps(self.birth()), qos=1, retain=True)
 
     # -- paho callbacks (paho's network thread) ----------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -236,17 +254,27 @@ class MqttTransport(Transport):
             "threads": info.get("threads"),
             "version": __version__,
             "request_topic": self.request_topic,
+            "routes": [{"name": r["name"], "topic": r["topic"], "publish": r["publish"]} for r in self.routes.describe()],
         }
 
     def _on_message(self, client, userdata, msg):
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next run
         try:
-            self.server.receive(msg.payload, Requester.received(self, msg))
+            route = None if self._is_request_topic(msg.topic) else self.routes.match(msg.topic)
+            if route is not None:
+                self.routes.on_message(route, msg.topic, msg.payload, bool(msg.dup))
+            else:
+                self.server.receive(msg.payload, Requester.received(self, msg))
         except Exception:
             self.repeats.error(log, "on_message", "MQTT: failed to handle a message", exc_info=True)
         if msg.qos > 0:
             client.ack(msg.mid, msg.qos)
+
+    def _is_request_topic(self, topic: str) -> bool:
+        parts = topic.split("/")
+        return len(parts) >= 3 and parts[0] == self.cfg.prefix and parts[2] in ("request", "cancel") or (
+            self.cfg.pool_topic is not None and topic == self.cfg.pool_topic)
 
     def admit(self, peer: "Requester", frame: protocol.Frame) -> bool:
         """Record a generation in the journal before its message is acknowledged. A copy of
@@ -313,11 +341,12 @@ class MqttTransport(Transport):
             except Exception:  # the loop outlives any one failure
                 self.repeats.error(log, "telemetry", "MQTT: telemetry failed", exc_info=True)
 
-    def publish(self, topic: str, payload: bytes, props: Properties) -> None:
+    def publish(self, topic: str, payload: bytes, props: Properties, *, qos: int | None = None, retain: bool = False) -> None:
         """Publish a reply; a failure is logged (once per kind, then counted) and never raised
         or retried: the topic was validated, so a failure here is the connection's."""
         try:
-            info = self.client.publish(topic, payload, qos=self.cfg.qos, properties=props)
+            info = self.client.publish(topic, payload, qos=self.cfg.qos if qos is None else qos, retain=retain,
+                                       properties=props)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self.repeats.warning(log, f"publish-{info.rc}", "MQTT: publish failed: %s", mqtt.error_string(info.rc))
         except Exception as e:
