@@ -1,33 +1,23 @@
-"""Shared fixtures: real models, prepared once per test run.
+"""Shared fixtures: real models, prepared once per test run, and a real broker.
 
 - tiny_store / tiny_engine: a 2-layer random Llama converted through `edged convert`
   (seconds); for engine mechanics.
 - smollm2_store / smollm2_engine: the real default model, pulled into
   .cache/test-home (kept between local runs, rebuilt on a clean CI checkout).
+- broker / device_factory: mosquitto on a free port for one test, and paho devices on it.
+The helpers these use are in helpers.py.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SMOLLM2_HOME = Path(os.environ.get("EDGED_TEST_HOME", REPO / ".cache" / "test-home"))
-
-
-def edged_cli(*args, home: Path, timeout: float = 900, input: str | None = None, check: bool = False):
-    """Run the real `edged` console script with EDGED_HOME=home."""
-    env = {**os.environ, "EDGED_HOME": str(home)}
-    exe = Path(sys.executable).with_name("edged")
-    return subprocess.run(
-        [str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout, input=input, check=check
-    )
+from helpers import SMOLLM2_HOME, Broker, Device, edged_cli  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +58,26 @@ def smollm2_engine(smollm2_store):
     from edged.models.loading import load_engine
 
     return load_engine("smollm2-135m", store=smollm2_store)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with Broker(tmp_path / "broker") as b:
+        yield b
+
+
+@pytest.fixture
+def device_factory(broker):
+    made: list[Device] = []
+
+    def make(**kw) -> Device:
+        d = Device(broker, **kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        try:
+            d.close()
+        except Exception:
+            pass

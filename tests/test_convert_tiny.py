@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import edged_cli
+from helpers import edged_cli
 
 
 def test_manifest_records_everything(tiny_store):

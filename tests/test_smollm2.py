@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import SMOLLM2_HOME, edged_cli
+from helpers import SMOLLM2_HOME, edged_cli
 from edged.engine.request import GenerateRequest
 from edged.errors import ModelCorrupt
 

@@ -1,10 +1,13 @@
-"""Fixtures for the governor/systemd tests: a fake sysfs/procfs tree."""
+"""Fixtures for the governor/systemd tests: a fake sysfs/procfs tree, a real sd_notify
+endpoint (helpers.NotifyListener), the CPU affinity restored after each test."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from helpers import NotifyListener, unix_path
 
 
 class FakeSys:
@@ -71,117 +74,11 @@ def fakesys(tmp_path) -> FakeSys:
     return FakeSys(tmp_path / "root")
 
 
-import os
-import socket
-import subprocess
-import sys
-import threading
-import time
-
-import yaml
-
-WAIT = 120.0
-
-
-class NotifyListener:
-    """A real sd_notify endpoint: a bound AF_UNIX datagram socket collecting messages."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, dict]] = []
-        self.cv = threading.Condition()
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        while not self._stop:
-            try:
-                data = self.sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            with self.cv:
-                self.messages.append((time.monotonic(), fields))
-                self.cv.notify_all()
-
-    def wait(self, pred, timeout: float = WAIT, what: str = "a notify message") -> tuple[float, dict]:
-        """The first message (from the start) satisfying pred."""
-        end = time.monotonic() + timeout
-        with self.cv:
-            while True:
-                for t, m in self.messages:
-                    if pred(m):
-                        return t, m
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {what}; got {self.messages[-10:]}")
-                self.cv.wait(left)
-
-    def count(self, key: str, since: float = 0.0) -> int:
-        with self.cv:
-            return sum(1 for t, m in self.messages if key in m and t >= since)
-
-    def close(self):
-        self._stop = True
-        self._t.join(timeout=2)
-        self.sock.close()
-
-
 @pytest.fixture
 def notify_socket(tmp_path):
-    n = NotifyListener(str(tmp_path / "notify.sock"))
+    n = NotifyListener(unix_path(tmp_path, "notify.sock"))
     yield n
     n.close()
-
-
-def edged_exe() -> str:
-    return str(Path(sys.executable).with_name("edged"))
-
-
-class Daemon:
-    """`edged serve` as a real subprocess with its own config file and log."""
-
-    def __init__(self, tmp: Path, cfg: dict, *, env: dict | None = None, argv_prefix=(), **popen):
-        self.cfg_path = tmp / "edged.yaml"
-        self.cfg_path.write_text(yaml.safe_dump(cfg))
-        self.log_path = tmp / "daemon.log"
-        self.log = open(self.log_path, "w")
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
-        full_env.update({"EDGED_HOME": str(tmp / "home"), **(env or {})})
-        self.proc = subprocess.Popen([*argv_prefix, edged_exe(), "serve", "--config", str(self.cfg_path)],
-                                     env=full_env, stdout=self.log, stderr=subprocess.STDOUT, **popen)
-
-    def logtext(self) -> str:
-        return self.log_path.read_text()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-
-
-def daemon_config(tmp: Path, models_dir, **over) -> dict:
-    cfg = {
-        "model": "tiny",
-        "models_dir": str(models_dir),
-        "keep_alive": -1,
-        "log_level": "info",
-        "socket": {"path": str(tmp / "edged.sock")},
-        "mqtt": {"enabled": False},
-    }
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-            cfg[k] = {**cfg[k], **v}
-        else:
-            cfg[k] = v
-    return cfg
 
 
 @pytest.fixture(autouse=True)

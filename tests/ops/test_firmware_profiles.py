@@ -95,7 +95,7 @@ def test_boot_files(board):
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 @pytest.mark.parametrize("board", BOARDS)
 def test_dropin_verifies_with_the_unit(board, tmp_path):
-    from .conftest import edged_exe
+    from helpers import edged_exe
 
     svc = (REPO / "systemd/edged.service").read_text().replace("/opt/edged/venv/bin/edged", edged_exe())
     (tmp_path / "edged.service").write_text(svc)

@@ -4,15 +4,12 @@ reload a model that would not fit, and the daemon is never OOM-killed."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-import yaml
-from .conftest import WAIT, NotifyListener, daemon_config, edged_exe
+from helpers import WAIT, DaemonProcess, NotifyListener, daemon_config, unix_path
 
 from edged.serve.client import SocketClient
 
@@ -44,19 +41,16 @@ def _usage(cg: Path, kind: str) -> int:
 
 def test_daemon_in_a_memory_limited_cgroup(tmp_path, smollm2_store):
     cg, kind = _make_cgroup()
-    notify = NotifyListener(str(tmp_path / "notify.sock"))
-    proc = None
+    notify = NotifyListener(unix_path(tmp_path, "notify.sock"))
+    daemon = None
     try:
         _limit(cg, kind, 600 * MB)
         cfg = daemon_config(tmp_path, smollm2_store.root, model="smollm2-135m", keep_alive=0,
                             governor={"reserve_mb": 32, "tight_mb": 48, "critical_mb": 8})
-        (tmp_path / "edged.yaml").write_text(yaml.safe_dump(cfg))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
-        env.update(NOTIFY_SOCKET=notify.path, EDGED_HOME=str(tmp_path / "home"))
-        log = open(tmp_path / "daemon.log", "w")
         # enter the cgroup first, then exec the daemon: everything it allocates is charged there
-        proc = subprocess.Popen(["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" serve --config "$1"',
-                                 edged_exe(), str(tmp_path / "edged.yaml")], env=env, stdout=log, stderr=log)
+        daemon = DaemonProcess(tmp_path, cfg, env={"NOTIFY_SOCKET": notify.path},
+                               argv_prefix=("sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"))
+        proc = daemon.proc
         notify.wait(lambda m: m.get("READY") == "1", what="READY=1")
         path = cfg["socket"]["path"]
         with SocketClient(path, timeout=WAIT) as c:
@@ -91,9 +85,8 @@ def test_daemon_in_a_memory_limited_cgroup(tmp_path, smollm2_store):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        if daemon is not None:
+            daemon.kill()
         notify.close()
         try:
             cg.rmdir()

@@ -3,23 +3,18 @@ real `edged serve`), watchdog fed by inference progress, socket activation."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
 import subprocess
 import threading
-import time
-from pathlib import Path
 
 import pytest
-from .conftest import WAIT, Daemon, NotifyListener, daemon_config, edged_exe
+from helpers import REPO, WAIT, DaemonProcess, DaemonThread, daemon_config, edged_exe, wait_for
 
 from edged.ops import systemd as sd
 from edged.ops.systemd import Notifier, Progress, listen_fds, watchdog_interval
 from edged.serve.client import SocketClient
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 # -- unit files --------------------------------------------------------------------
@@ -117,35 +112,25 @@ def test_watchdog_pings_follow_health(notify_socket):
     n = Notifier(health=healthy.is_set, interval=0.02, env={"NOTIFY_SOCKET": notify_socket.path})
     n.start_watchdog()
     try:
-        _wait(lambda: notify_socket.count("WATCHDOG") >= 5, "pings")
+        wait_for(lambda: notify_socket.count("WATCHDOG") >= 5, "pings")
         healthy.clear()
-        _wait(lambda: n.skipped >= 1, "a withheld ping")
+        wait_for(lambda: n.skipped >= 1, "a withheld ping")
         got = notify_socket.count("WATCHDOG")
         skipped = n.skipped
-        _wait(lambda: n.skipped >= skipped + 10, "more withheld pings")
+        wait_for(lambda: n.skipped >= skipped + 10, "more withheld pings")
         assert notify_socket.count("WATCHDOG") <= got + 1  # at most one in flight when health flipped
         healthy.set()
-        _wait(lambda: notify_socket.count("WATCHDOG") >= got + 3, "pings to resume")
+        wait_for(lambda: notify_socket.count("WATCHDOG") >= got + 3, "pings to resume")
     finally:
         n.stop()
-
-
-def _wait(pred, what, timeout=WAIT):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # -- a simulated wedged worker in a real Server ----------------------------------------
 def test_wedged_worker_stops_watchdog_pings(tmp_path, tiny_engine, notify_socket):
     from edged.ops.wiring import attach
-    from edged.serve.config import from_dict
-    from edged.serve.server import Server
 
-    cfg = from_dict(daemon_config(tmp_path, "/nonexistent", governor={"enabled": False}))
-    server = Server(cfg, engine=tiny_engine)
+    d = DaemonThread(daemon_config(tmp_path, "/nonexistent", governor={"enabled": False}), engine=tiny_engine)
+    server = d.server
     notifier = Notifier(interval=0.02, env={"NOTIFY_SOCKET": notify_socket.path})
     ops = attach(server, notifier=notifier, stall_s=0.3)
     notifier.health = ops.progress.healthy
@@ -155,28 +140,26 @@ def test_wedged_worker_stops_watchdog_pings(tmp_path, tiny_engine, notify_socket
         if wedge.is_set() and n == 2:
             release.wait()
 
-    t = threading.Thread(target=lambda: asyncio.run(server.serve(install_signals=False)), daemon=True)
-    t.start()
+    d.start()
     try:
         notify_socket.wait(lambda m: m.get("READY") == "1")
         server.scheduler.token_hooks.append(token_hook)
-        _wait(lambda: notify_socket.count("WATCHDOG") >= 3, "pings while idle")
+        wait_for(lambda: notify_socket.count("WATCHDOG") >= 3, "pings while idle")
         wedge.set()
-        with SocketClient(cfg.socket.path, timeout=WAIT) as c:
+        with d.client() as c:
             c.send({"id": 1, "prompt": "hi", "options": {"num_predict": 20, "temperature": 0}})
-            _wait(lambda: notifier.skipped >= 1, "the watchdog to notice the stall")
+            wait_for(lambda: notifier.skipped >= 1, "the watchdog to notice the stall")
             got, skipped = notify_socket.count("WATCHDOG"), notifier.skipped
-            _wait(lambda: notifier.skipped >= skipped + 10, "more withheld pings")
+            wait_for(lambda: notifier.skipped >= skipped + 10, "more withheld pings")
             assert notify_socket.count("WATCHDOG") <= got + 1
             assert server.scheduler.running  # still wedged: systemd would restart us now
             release.set()
             while not c.read().get("done"):
                 pass
-        _wait(lambda: notify_socket.count("WATCHDOG") >= got + 3, "pings to resume")
+        wait_for(lambda: notify_socket.count("WATCHDOG") >= got + 3, "pings to resume")
     finally:
         release.set()
-        server.request_stop()
-        t.join(WAIT)
+        d.stop()
     assert notify_socket.wait(lambda m: m.get("STOPPING") == "1")
 
 
@@ -184,7 +167,7 @@ def test_wedged_worker_stops_watchdog_pings(tmp_path, tiny_engine, notify_socket
 def test_daemon_ready_watchdog_reload_stop(tmp_path, tiny_store, notify_socket, fakesys):
     cfg = daemon_config(tmp_path, tiny_store.root, governor={"root": str(fakesys.root), "interval": 0.1})
     env = {"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "400000"}
-    d = Daemon(tmp_path, cfg, env=env)
+    d = DaemonProcess(tmp_path, cfg, env=env)
     try:
         t_ready, ready = notify_socket.wait(lambda m: m.get("READY") == "1", what="READY=1")
         # READY only after the model is loaded and the socket transport is up
@@ -193,7 +176,7 @@ def test_daemon_ready_watchdog_reload_stop(tmp_path, tiny_store, notify_socket, 
             st = c.call({"op": "status"})["status"]
         assert st["governor"]["level"] == "normal" and st["governor"]["temp_c"] == 40.0
         # watchdog cadence: every WatchdogSec/2 = 0.2 s
-        _wait(lambda: notify_socket.count("WATCHDOG", since=t_ready) >= 6, "6 pings")
+        wait_for(lambda: notify_socket.count("WATCHDOG", since=t_ready) >= 6, "6 pings")
         times = [t for t, m in notify_socket.messages if "WATCHDOG" in m]
         gaps = [b - a for a, b in zip(times, times[1:])]
         mean = sum(gaps) / len(gaps)
@@ -211,7 +194,7 @@ def test_daemon_ready_watchdog_reload_stop(tmp_path, tiny_store, notify_socket, 
         n_before = len(notify_socket.messages)
         d.proc.send_signal(signal.SIGHUP)
         notify_socket.wait(lambda m: m.get("RELOADING") == "1", what="RELOADING=1")
-        _wait(lambda: any(m.get("READY") == "1" for _, m in notify_socket.messages[n_before:]), "READY after reload")
+        wait_for(lambda: any(m.get("READY") == "1" for _, m in notify_socket.messages[n_before:]), "READY after reload")
         seq = [m for _, m in notify_socket.messages[n_before:] if "RELOADING" in m or "READY" in m]
         assert seq[0]["RELOADING"] == "1" and int(seq[0]["MONOTONIC_USEC"]) > 0 and seq[1]["READY"] == "1"
         # SIGTERM: STOPPING=1, clean exit
@@ -226,11 +209,11 @@ def test_daemon_ready_watchdog_reload_stop(tmp_path, tiny_store, notify_socket, 
 def test_socket_activation_hands_the_daemon_its_socket(tmp_path, tiny_store, notify_socket):
     path = str(tmp_path / "act.sock")
     cfg = daemon_config(tmp_path, tiny_store.root, socket={"path": path}, governor={"enabled": False})
-    d = Daemon(tmp_path, cfg, env={"NOTIFY_SOCKET": notify_socket.path},
-               argv_prefix=("systemd-socket-activate", "-l", path,
-                            "-E", "EDGED_HOME", "-E", "NOTIFY_SOCKET", "-E", "PATH"))
+    d = DaemonProcess(tmp_path, cfg, env={"NOTIFY_SOCKET": notify_socket.path},
+                      argv_prefix=("systemd-socket-activate", "-l", path,
+                                   "-E", "EDGED_HOME", "-E", "NOTIFY_SOCKET", "-E", "PATH"))
     try:
-        _wait(lambda: os.path.exists(path), "the activation socket")
+        wait_for(lambda: os.path.exists(path), "the activation socket")
         with SocketClient(path, timeout=WAIT) as c:  # the daemon starts on this connection
             final = c.call({"id": 1, "prompt": "hi", "options": {"num_predict": 4, "temperature": 0}})
         assert final.get("done") and "response" in final, final

@@ -4,51 +4,24 @@ journald fields."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import socket
 import subprocess
-import threading
-import time
 
 import pytest
-from .conftest import WAIT, daemon_config
+from helpers import DaemonThread, daemon_config, wait_for
 
 from edged.ops.systemd import Notifier
 from edged.ops.wiring import _JournalFields, attach
-from edged.serve.client import SocketClient
 from edged.serve.config import from_dict
 from edged.serve.server import Server
 
 
-def _wait(pred, what, timeout=WAIT):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+class Running(DaemonThread):
+    """A daemon in a thread with the ops layer attached (no systemd)."""
 
-
-class Running:
     def __init__(self, cfg_dict, engine):
-        self.cfg = from_dict(cfg_dict)
-        self.server = Server(self.cfg, engine=engine)
+        super().__init__(cfg_dict, engine=engine)
         self.ops = attach(self.server, notifier=Notifier(env={}))
-        self.t = threading.Thread(target=lambda: asyncio.run(self.server.serve(install_signals=False)), daemon=True)
-
-    def __enter__(self):
-        self.t.start()
-        _wait(lambda: self.server.ready, "server ready")
-        return self
-
-    def __exit__(self, *exc):
-        self.server.request_stop()
-        self.t.join(WAIT)
-
-    def call(self, obj):
-        with SocketClient(self.cfg.socket.path, timeout=WAIT) as c:
-            return c.call(obj)
 
 
 def test_token_cap_context_cap_and_pacing(tmp_path, tiny_engine, fakesys):
@@ -91,7 +64,7 @@ def test_memory_critical_unloads_the_idle_model_and_refuses(tmp_path, tiny_store
         fakesys.cgroup(990, max_mb=1000)  # 10 MiB below memory.max: critical
         r.ops.governor.update()
         assert r.ops.governor.memory_state == "critical"
-        _wait(lambda: r.server.scheduler.engine is None, "the idle model to be unloaded")
+        wait_for(lambda: r.server.scheduler.engine is None, "the idle model to be unloaded")
         busy = r.call({"id": 1, "prompt": "hi"})
         assert busy["error"]["code"] == "busy" and busy["error"]["reason"] == "memory"
         assert r.call({"op": "status"})["status"]["loaded"] is False
@@ -102,56 +75,25 @@ def test_memory_critical_unloads_the_idle_model_and_refuses(tmp_path, tiny_store
         assert ok.get("done"), ok
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(subprocess.run(["which", "mosquitto"], capture_output=True).returncode != 0,
                     reason="mosquitto not installed")
-def test_level_change_on_mqtt_telemetry_and_info(tmp_path, tiny_engine, fakesys):
-    import paho.mqtt.client as mqtt
-
-    port = _free_port()
-    (tmp_path / "m.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "m.conf")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    got: list[tuple[str, dict]] = []
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    sub.on_message = lambda c, u, m: got.append((m.topic, json.loads(m.payload))) if m.payload[:1] == b"{" else None
-    try:
-        _wait(lambda: sub.connect("127.0.0.1", port) == 0 if _try(sub, port) else False, "broker")
-        sub.subscribe("edged/t1/#")
-        sub.loop_start()
-        cfg = daemon_config(tmp_path, "/unused", governor={"root": str(fakesys.root), "interval": 60},
-                            mqtt={"enabled": True, "host": "127.0.0.1", "port": port, "node": "t1",
-                                  "telemetry_interval": 0})
-        with Running(cfg, tiny_engine) as r:
-            mq = next(t for t in r.server.transports if t.name == "mqtt")
-            _wait(mq.connected.is_set, "daemon connected to MQTT")
-            fakesys.temp(85)
-            r.ops.governor.update()
-            _wait(lambda: any(t.endswith("/telemetry") and "change" in p for t, p in got), "telemetry")
-            _wait(lambda: any(t.endswith("/info") and (p.get("governor") or {}).get("level") == "critical"
-                              for t, p in got), "info with the level")
-            tel = next(p for t, p in got if t.endswith("/telemetry") and "change" in p)
-            assert tel["change"]["new"] == "critical" and "85.0 C" in tel["change"]["cause"]
-            assert tel["governor"]["level"] == "critical"
-            fakesys.temp(40)
-            r.ops.governor.update()
-    finally:
-        sub.loop_stop()
-        broker.terminate()
-        broker.wait(10)
-
-
-def _try(client, port) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
+def test_level_change_on_mqtt_telemetry_and_info(tmp_path, tiny_engine, fakesys, broker, device_factory):
+    got = device_factory().connect("edged/t1/#").messages
+    cfg = daemon_config(tmp_path, "/unused", broker=broker, governor={"root": str(fakesys.root), "interval": 60},
+                        mqtt={"node": "t1", "telemetry_interval": 0})
+    with Running(cfg, tiny_engine) as r:
+        mq = next(t for t in r.server.transports if t.name == "mqtt")
+        wait_for(mq.connected.is_set, "daemon connected to MQTT")
+        fakesys.temp(85)
+        r.ops.governor.update()
+        wait_for(lambda: any(t.endswith("/telemetry") and "change" in p for t, p in got), "telemetry")
+        wait_for(lambda: any(t.endswith("/info") and (p.get("governor") or {}).get("level") == "critical"
+                             for t, p in got), "info with the level")
+        tel = next(p for t, p in got if t.endswith("/telemetry") and "change" in p)
+        assert tel["change"]["new"] == "critical" and "85.0 C" in tel["change"]["cause"]
+        assert tel["governor"]["level"] == "critical"
+        fakesys.temp(40)
+        r.ops.governor.update()
 
 
 def test_journal_fields_filter(tmp_path):

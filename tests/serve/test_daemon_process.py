@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import yaml
-from serve.serve_helpers import WAIT, DaemonProcess, edged_exe, make_config, wait_for
+from helpers import WAIT, DaemonProcess, daemon_config, edged_exe, wait_for
 
 from edged.errors import ConfigError
 from edged.serve.client import SocketClient
@@ -22,7 +22,7 @@ LONG = {"prompt": "hello", "options": {"num_predict": 120, "temperature": 0}}
 
 @pytest.fixture
 def daemon_cfg(tmp_path, tiny_store):
-    return make_config(tmp_path, models_dir=tiny_store.root)
+    return daemon_config(tmp_path, tiny_store.root)
 
 
 def test_sigterm_drains_in_flight_work_and_exits_0(tmp_path, daemon_cfg):
@@ -130,15 +130,13 @@ def test_socket_activation_inherited_fd(tmp_path, daemon_cfg):
     listener.listen(16)
     fd = listener.fileno()
     daemon_cfg["socket"]["path"] = str(tmp_path / "unused.sock")
-    cfgp = tmp_path / "act.yaml"
-    cfgp.write_text(yaml.safe_dump({k: v for k, v in daemon_cfg.items() if v is not None}))
     # systemd passes the socket as fd 3 and names our pid in LISTEN_PID
     launcher = (
-        "import os, sys; fd, exe, cfg = int(sys.argv[1]), sys.argv[2], sys.argv[3]; os.dup2(fd, 3); "
-        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); os.execv(exe, [exe, 'serve', '--config', cfg])"
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); os.execv(sys.argv[2], sys.argv[2:])"
     )
-    cmd = [sys.executable, "-c", launcher, str(fd), edged_exe(), str(cfgp)]
-    proc = subprocess.Popen(cmd, pass_fds=(fd,), stderr=open(tmp_path / "act.log", "wb"))
+    daemon = DaemonProcess(tmp_path, daemon_cfg, argv_prefix=(sys.executable, "-c", launcher, str(fd)), pass_fds=(fd,))
+    proc = daemon.proc
     listener.close()
     try:
         with SocketClient(path, timeout=WAIT) as c:  # connecting works before the daemon is ready
@@ -148,8 +146,7 @@ def test_socket_activation_inherited_fd(tmp_path, daemon_cfg):
         assert proc.wait(WAIT) == 0
         assert os.path.exists(path)  # an activated socket belongs to systemd: left in place
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        daemon.kill()
 
 
 def test_ask_and_status_cli_over_socket(start_daemon):

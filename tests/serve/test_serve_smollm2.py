@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from serve.serve_helpers import WAIT, DaemonThread, make_config, wait_for
+from helpers import WAIT, DaemonThread, daemon_config, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ Q = {"prompt": "What is the capital of France?", "options": {"temperature": 0, "
 
 @pytest.fixture
 def smol_daemon(smollm2_engine, smollm2_store, broker, tmp_path):
-    cfg = make_config(tmp_path, broker=broker, models_dir=smollm2_store.root, model="smollm2-135m", engine__threads=2)
+    cfg = daemon_config(tmp_path, smollm2_store.root, broker=broker, model="smollm2-135m", engine__threads=2)
     d = DaemonThread(cfg, engine=smollm2_engine, store=smollm2_store).start()
     t = next(t for t in d.server.transports if t.name == "mqtt")
     wait_for(lambda: t.connected.is_set(), what="mqtt connected")

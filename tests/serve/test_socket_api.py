@@ -8,34 +8,15 @@ import socket
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from serve.serve_helpers import WAIT, wait_for
+from helpers import WAIT, Gate, daemon_config, read_finals, wait_for
 
 from edged.serve.client import SocketClient
 
 GEN = {"prompt": "hello there", "options": {"num_predict": 8, "temperature": 0}}
 STATS = ("done_reason", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration", "load_duration", "total_duration")
-
-
-class Gate:
-    """A token hook that holds the worker at a given token until released (or the job is cancelled)."""
-
-    def __init__(self, at: int = 1):
-        self.at = at
-        self.release = threading.Event()
-        self.reached = threading.Event()
-        self.seen: dict = {}
-        self.timed_out = False
-
-    def __call__(self, job, n):
-        self.seen[job.rid] = n
-        if n == self.at and not self.release.is_set():
-            self.reached.set()
-            end = time.monotonic() + WAIT
-            while not (self.release.is_set() or job.cancel.is_set()) and time.monotonic() < end:
-                self.release.wait(0.01)
-            self.timed_out = not (self.release.is_set() or job.cancel.is_set())
 
 
 def test_generate_streams_deltas_then_final_with_ollama_stats(start_daemon):
@@ -83,11 +64,7 @@ def test_several_requests_per_connection_are_matched_by_id(start_daemon):
     with d.client() as c:
         for i in range(5):
             c.send({"id": f"r{i}", **GEN})
-        finals = {}
-        while len(finals) < 5:
-            f = c.read()
-            if f.get("done"):
-                finals[f["id"]] = f
+        finals = read_finals(c, 5)
         assert sorted(finals) == [f"r{i}" for i in range(5)]
         assert all("response" in f for f in finals.values())
 
@@ -175,7 +152,7 @@ def test_oversized_line_is_rejected_and_connection_continues(start_daemon):
 
 
 def test_socket_mode_and_stale_socket_file(start_daemon, tmp_path):
-    path = tmp_path / "run" / "edged.sock"
+    path = Path(daemon_config(tmp_path)["socket"]["path"])
     path.parent.mkdir(parents=True, mode=0o700)  # outside a runtime directory the daemon accepts only 0700
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))  # a crash leaves the file behind with nobody listening
@@ -189,10 +166,10 @@ def test_socket_mode_and_stale_socket_file(start_daemon, tmp_path):
 
 
 def test_second_daemon_refuses_a_live_socket(start_daemon, tiny_engine, tiny_store, tmp_path):
-    from serve.serve_helpers import DaemonThread, make_config
+    from helpers import DaemonThread
 
     start_daemon()
-    other = DaemonThread(make_config(tmp_path, models_dir=tiny_store.root), engine=tiny_engine)
+    other = DaemonThread(daemon_config(tmp_path, tiny_store.root), engine=tiny_engine)
     with pytest.raises(Exception, match="already listening"):
         other.start()
 
@@ -222,11 +199,7 @@ def test_busy_when_queue_full_then_recovers(start_daemon):
         assert busy["error"]["code"] == "busy"
         assert busy["error"]["retry_after_ms"] > 0 and busy["error"]["queue_position"] == 3
         gate.release.set()
-        finals = {}
-        while len(finals) < 2:
-            f = c.read()
-            if f.get("done"):
-                finals[f["id"]] = f
+        finals = read_finals(c, 2)
         assert "response" in finals["run"] and "response" in finals["wait"]
         assert "response" in c.call({"id": "again", **GEN})
 
@@ -242,11 +215,7 @@ def test_expired_request_is_dropped_never_run(start_daemon):
         wait_for(lambda: d.server.scheduler.depth == 1, what="queued request")
         time.sleep(0.01)  # let its 1 ms deadline pass while it waits
         gate.release.set()
-        finals = {}
-        while len(finals) < 2:
-            f = c.read()
-            if f.get("done"):
-                finals[f["id"]] = f
+        finals = read_finals(c, 2)
     assert finals["late"]["error"]["code"] == "deadline_exceeded"
     assert "late" not in gate.seen  # no token was generated for it
     assert d.server.scheduler.completed == 1
@@ -266,11 +235,7 @@ def test_priority_runs_higher_first(start_daemon):
         c.send({"id": "high", **GEN, "priority": 10})
         wait_for(lambda: d.server.scheduler.depth == 3, what="3 queued")
         gate.release.set()
-        done = set()
-        while len(done) < 4:
-            f = c.read()
-            if f.get("done"):
-                done.add(f["id"])
+        read_finals(c, 4)
     assert order == ["first", "high", "mid", "low"]
 
 
@@ -283,14 +248,10 @@ def test_cancel_queued_and_running(start_daemon):
         assert gate.reached.wait(WAIT)
         c.send({"id": "queued", **GEN})
         wait_for(lambda: d.server.scheduler.depth == 1, what="queued request")
-        got = {}
         c.send({"id": "c1", "op": "cancel", "target": "queued"})
         c.send({"id": "c2", "op": "cancel", "target": "run"})
         c.send({"id": "c3", "op": "cancel", "target": "nobody"})
-        while len(got) < 5:
-            f = c.read()
-            if f.get("done"):
-                got[f["id"]] = f
+        got = read_finals(c, 5)
     assert got["queued"]["error"]["code"] == "cancelled"
     assert got["run"]["done_reason"] == "cancel" and got["run"]["eval_count"] < 200
     assert got["c1"]["cancelled"] is True and got["c2"]["cancelled"] is True and got["c3"]["cancelled"] is False
@@ -348,11 +309,7 @@ def test_graceful_stop_sends_every_waiting_client_a_final_frame(start_daemon):
         c.send({"id": "q2", **GEN})
         wait_for(lambda: d.server.scheduler.depth == 2, what="queued")
         d.server.request_stop()
-        got = {}
-        while len(got) < 3:
-            f = c.read()
-            if f.get("done"):
-                got[f["id"]] = f
+        got = read_finals(c, 3)
     assert got["run"]["done_reason"] == "cancel"
     assert got["q1"]["error"]["code"] == "shutting_down" and got["q2"]["error"]["code"] == "shutting_down"
     d.thread.join(WAIT)
