@@ -46,7 +46,8 @@ def test_daemon_in_a_memory_limited_cgroup(tmp_path, smollm2_store):
     try:
         _limit(cg, kind, 600 * MB)
         cfg = daemon_config(tmp_path, smollm2_store.root, model="smollm2-135m", keep_alive=0,
-                            governor={"reserve_mb": 32, "tight_mb": 48, "critical_mb": 8})
+                            governor={"reserve_mb": 32, "tight_mb": 48, "critical_mb": 8},
+                            limits={"max_num_predict": 8192})  # the request below must ask for a cache that cannot fit
         # enter the cgroup first, then exec the daemon: everything it allocates is charged there
         daemon = DaemonProcess(tmp_path, cfg, env={"NOTIFY_SOCKET": notify.path},
                                argv_prefix=("sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"))
