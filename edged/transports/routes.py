@@ -199,7 +199,7 @@ class RoutePeer(protocol.Peer):
 
     def __init__(self, routes: Routes, route: Route, topic: str):
         self.routes = routes
-        self.route = route
+        self.entry = route
         self.source = topic
         self.scope = f"route:{route.cfg.name}|{topic}"
         self.identity = self.scope  # each source topic has its own quota
@@ -207,11 +207,16 @@ class RoutePeer(protocol.Peer):
     def send(self, frame: dict, final: bool) -> None:
         if not final:
             return
-        t, c = self.routes.t, self.route.cfg
+        t, c = self.routes.t, self.entry.cfg
         ok = "error" not in frame
+        if ok and c.format is not None and frame.get("done_reason") == "length":
+            # num_predict cut the JSON off: publishing it would hand devices an unparsable document
+            frame = protocol.error_frame(None, RequestError(
+                f"route {c.name}: the answer was cut off at num_predict before the JSON was complete", field="options.num_predict"))
+            ok = False
         try:
             if ok:
-                topic = self.routes.output_topic(self.route, self.source)
+                topic = self.routes.output_topic(self.entry, self.source)
                 t.publish(topic, frame.get("response", "").encode(), _props(), qos=c.qos, retain=c.retain)
             else:
                 body = {**frame, "route": c.name, "topic": self.source}
@@ -221,7 +226,7 @@ class RoutePeer(protocol.Peer):
             body = {**protocol.error_frame(None, e), "route": c.name, "topic": self.source}
             t.publish(t.error_topic, protocol.encode(body)[:-1], _props())
         finally:
-            self.routes._ended(self.route, self.source, ok)
+            self.routes._ended(self.entry, self.source, ok)
 
 
 def _props():
