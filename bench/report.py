@@ -226,7 +226,7 @@ def markdown_report(results: dict) -> str:
         lines += ["", "Transport overhead (client round trip minus the engine's own time, short requests; "
                       "`--transport`, `bench/transport.py`):", "",
                   "| transport | overhead p50 (ms) | overhead p99 (ms) | round trip p50 (ms) |", "|---|---|---|---|"]
-        for name in ("socket", "mqtt"):
+        for name in ("socket", "mqtt", "http"):
             x = t.get(name) or {}
             lines.append(f"| {name} | {fmt(x.get('overhead_ms_p50'), 2)} | {fmt(x.get('overhead_ms_p99'), 2)} | "
                          f"{fmt(x.get('round_trip_ms_p50'), 2)} |")

@@ -3,10 +3,11 @@
     from bench.transport import run_transport_bench
     result = run_transport_bench(ModelStore(), "smollm2-135m", threads=2)
 
-Starts a daemon in this process (socket + MQTT) and a private mosquitto on a free
-port, then measures:
+Starts a daemon in this process (socket + MQTT + HTTP on a free loopback port) and a
+private mosquitto on a free port, then measures:
 - overhead: client round trip minus the engine's own `total_duration`, p50/p99
-  over `requests` short requests, for each transport (goal: <= 2 ms p50);
+  over `requests` short requests, for each transport (goal: <= 2 ms p50); HTTP is
+  Ollama's POST /api/generate with `stream: false` on one keep-alive connection;
 - throughput and latency with 1, 4 and 16 concurrent clients per transport,
   counting lost and duplicated replies (goal: zero).
 """
@@ -131,6 +132,35 @@ class _MqttRequester:
         self.c.loop_stop()
 
 
+class _HttpRequester:
+    """One HTTP client on a keep-alive connection (the standard library's), as an Ollama
+    client uses it: POST /api/generate, one JSON answer. Ollama's answer has no request id,
+    so the id the payload carried is put back on it: one answer per request is what is counted."""
+
+    def __init__(self, port: int):
+        import http.client
+
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def call(self, payload: dict) -> tuple[float, dict]:
+        rid = payload.get("id")
+        body = json.dumps({k: v for k, v in payload.items() if k != "id"}).encode()
+        t0 = time.perf_counter()
+        self.conn.request("POST", "/api/generate", body=body, headers={"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        data = resp.read()
+        rt = time.perf_counter() - t0
+        frame = json.loads(data)
+        if resp.status != 200:
+            frame = {"error": frame.get("error")}
+        if rid is not None:
+            frame["id"] = rid
+        return rt, frame
+
+    def close(self):
+        self.conn.close()
+
+
 def _socket_call(client, payload) -> tuple[float, dict]:
     t0 = time.perf_counter()
     frame = client.call(payload)
@@ -207,6 +237,7 @@ def run_transport_bench(store, model_name: str, *, threads: int | None = None, r
     daemon = threading.Thread(target=loop.run_forever, name="bench-daemon", daemon=True)
     try:
         broker = _Mosquitto(tmp)
+        http_port = _free_port()
         engine = load_engine(model_name, config=EngineConfig(threads=threads), store=store)
         cfg = from_dict(
             {
@@ -218,6 +249,7 @@ def run_transport_bench(store, model_name: str, *, threads: int | None = None, r
                 "socket": {"path": str(tmp / "edged.sock")},
                 "mqtt": {"host": "127.0.0.1", "port": broker.port, "node": "bench", "telemetry_interval": 0.0,
                          "journal": str(tmp / "mqtt-journal.sqlite3")},
+                "http": {"enabled": True, "port": http_port, "unix": False},
             }
         )
         server = Server(cfg, store=store, engine=engine)
@@ -237,8 +269,13 @@ def run_transport_bench(store, model_name: str, *, threads: int | None = None, r
             dev.call(SHORT)
         result["mqtt"] = _overhead([dev.call(SHORT) for _ in range(requests)])
         dev.close()
+        web = _HttpRequester(http_port)
+        for _ in range(5):
+            web.call(SHORT)
+        result["http"] = _overhead([web.call(SHORT) for _ in range(requests)])
+        web.close()
 
-        result["concurrency"] = {"socket": [], "mqtt": []}
+        result["concurrency"] = {"socket": [], "mqtt": [], "http": []}
         for n in clients:
             result["concurrency"]["socket"].append(
                 _concurrent(lambda: SocketClient(sock_path), _socket_call, n, per_client)
@@ -246,9 +283,12 @@ def run_transport_bench(store, model_name: str, *, threads: int | None = None, r
             result["concurrency"]["mqtt"].append(
                 _concurrent(lambda: _MqttRequester(broker.port, topic), lambda cl, p: cl.call(p), n, per_client)
             )
+            result["concurrency"]["http"].append(
+                _concurrent(lambda: _HttpRequester(http_port), lambda cl, p: cl.call(p), n, per_client)
+            )
         result["goals"] = {
             "overhead_p50_le_2ms": all(
-                result[t]["overhead_ms_p50"] is not None and result[t]["overhead_ms_p50"] <= 2.0 for t in ("socket", "mqtt")
+                result[t]["overhead_ms_p50"] is not None and result[t]["overhead_ms_p50"] <= 2.0 for t in ("socket", "mqtt", "http")
             ),
             "no_lost_or_duplicated": all(
                 r["lost"] == 0 and r["duplicated"] == 0 for rs in result["concurrency"].values() for r in rs

@@ -69,6 +69,8 @@ probe=$!
 wait "$probe" || true
 read -r enabled host port bind listening <"$tmp/probe" || enabled=false
 export EDGED_MODEL="$MODEL"
+# A developer's session also serves Ollama's HTTP API on 127.0.0.1:11434 (off by default: examples/edged.yaml).
+export EDGED_HTTP="${EDGED_HTTP:-true}"
 
 serve_alone() {
   rm -rf "$tmp"

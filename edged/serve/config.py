@@ -120,6 +120,39 @@ class MqttConfig:
 
 
 @dataclass(kw_only=True)
+class HttpConfig:
+    """Ollama's HTTP API and OpenAI's chat API (edged/transports/http.py).
+
+    Off by default: a TCP port on 127.0.0.1 carries no peer credentials, so every local
+    user and process (and a web page in a local browser, within the Host and Origin
+    checks) could use the model past socket.mode and socket.allow_uids/allow_gids.
+    Turning it on is the owner's choice; `make run` does, for a developer's session."""
+
+    enabled: bool = False
+    host: str | None = "127.0.0.1"  # TCP address; null = no TCP listener. Not loopback: needs allow_remote and a token
+    port: int = 11434  # Ollama's port, so its clients find edged unchanged
+    allow_remote: bool = False  # bind a non-loopback address (with token_file or the credential http-token)
+    token_file: str | None = None  # first line: the bearer token every TCP request must carry
+    unix: bool = True  # also serve HTTP on a Unix socket (the socket section's mode, owner, group, allowlists)
+    unix_path: str | None = None  # None = http.sock beside socket.path
+    origins: list[str] = live(factory=list)  # browser origins allowed besides loopback ones (fnmatch patterns)
+    max_connections: int = live(64)  # open HTTP connections per listener; more get 503 and are closed
+    idle_timeout: float = 60.0  # seconds a keep-alive connection may wait for (or take to send) its next request's headers
+    body_timeout: float = live(30.0)  # seconds from the headers to the end of the request body; then 408
+    write_timeout: float = live(60.0)  # seconds a client may take to accept one reply chunk; then it is cut off
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be between 1 and 65535")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if self.idle_timeout <= 0 or self.body_timeout <= 0 or self.write_timeout <= 0:
+            raise ValueError("idle_timeout, body_timeout and write_timeout must be > 0")
+        if self.unix_path == "":
+            raise ValueError("unix_path must be a path or null (set unix: false to serve no Unix socket)")
+
+
+@dataclass(kw_only=True)
 class RouteConfig:
     """An MQTT route: payloads on `topic` become a prompt; the answer goes to `publish`."""
 
@@ -177,6 +210,7 @@ class Config:
     log_level: str = live("info")
     socket: SocketConfig = field(default_factory=SocketConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)  # Ollama and OpenAI HTTP APIs (edged/transports/http.py)
     governor: GovernorConfig = field(default_factory=GovernorConfig)  # thermal/memory governor (edged/ops)
     engine: EngineConfig = field(default_factory=EngineConfig)  # onnxruntime settings (docs/engine.md)
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # per-requester quotas and caps
@@ -243,6 +277,8 @@ ENV_KEYS = {
     "EDGED_MQTT_USERNAME": "mqtt.username",
     "EDGED_MQTT_PASSWORD_FILE": "mqtt.password_file",
     "EDGED_LOG_LEVEL": "log_level",
+    "EDGED_HTTP": "http.enabled",
+    "EDGED_HTTP_PORT": "http.port",
 }
 
 

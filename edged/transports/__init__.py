@@ -28,7 +28,11 @@ class Transport:
 
 
 # module:class, in start order
-_TRANSPORTS = ("edged.transports.unix:UnixTransport", "edged.transports.mqtt:MqttTransport")
+_TRANSPORTS = (
+    "edged.transports.unix:UnixTransport",
+    "edged.transports.mqtt:MqttTransport",
+    "edged.transports.http:HttpTransport",
+)
 
 
 def enabled_transports(server) -> list:

@@ -115,14 +115,14 @@ def test_transport_bench_against_a_real_daemon(tiny_store):
     from bench.transport import run_transport_bench
 
     t = run_transport_bench(tiny_store, "tiny", threads=1, requests=10, per_client=2, clients=(1, 4))
-    for name in ("socket", "mqtt"):
+    for name in ("socket", "mqtt", "http"):
         assert t[name]["requests"] == 10 and t[name]["errors"] == 0
         assert t[name]["round_trip_ms_p50"] > 0 and t[name]["overhead_ms_p50"] is not None
         assert [c["clients"] for c in t["concurrency"][name]] == [1, 4]
         assert all(c["lost"] == 0 and c["duplicated"] == 0 and c["errors"] == 0 for c in t["concurrency"][name])
     assert t["goals"]["no_lost_or_duplicated"] is True
     md = report.markdown_report({"transport": t})
-    assert "| socket | " in md and "| mqtt | " in md and "no_lost_or_duplicated: True" in md
+    assert "| socket | " in md and "| mqtt | " in md and "| http | " in md and "no_lost_or_duplicated: True" in md
 
 
 def test_command_line_has_one_parser_and_runs_from_the_repo_root():
