@@ -680,8 +680,14 @@ class _OpenAI(_Format):
 
     @staticmethod
     def _usage(frame: dict) -> dict:
-        p, c = frame.get("prompt_eval_count", 0), frame.get("eval_count", 0)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        # prompt_eval_count counts only the prompt tokens evaluated; those the prefix cache
+        # supplied are OpenAI's cached_tokens, and part of prompt_tokens.
+        cached = frame.get("prompt_cache_tokens", 0)
+        p, c = frame.get("prompt_eval_count", 0) + cached, frame.get("eval_count", 0)
+        usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
 
     def _finish(self, frame: dict, calls) -> str:
         return "tool_calls" if calls else _FINISH.get(frame.get("done_reason", "stop"), "stop")

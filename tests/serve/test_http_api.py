@@ -210,6 +210,8 @@ def test_openai_client_chat_completion_streaming_and_not(web):
         if chunk.choices and chunk.choices[0].delta.content:
             text += chunk.choices[0].delta.content
     assert text == done.choices[0].message.content
+    again = o.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0, seed=3)
+    assert again.usage.prompt_tokens == done.usage.prompt_tokens  # the whole prompt, also when cached tokens served part
     assert [m.id for m in o.models.list()] == ["tiny"]
     with pytest.raises(openai.NotFoundError) as e:
         o.chat.completions.create(model="gpt-4o", messages=msgs)
