@@ -25,7 +25,7 @@ GATE_CPU=${GATE_CPU:-cortex-a76}  # integer kernels are exact on both; the A76 e
 GATE_SIZES=${GATE_SIZES:-160,4,32}  # = the x86 gate (GATE_TEXT has 119 tokens); "40,2,12" = reduced
 THREADS=2
 PIP_PLATFORMS=(--platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux_2_27_aarch64
-  --platform manylinux_2_28_aarch64 --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
+  --platform manylinux_2_28_aarch64 --platform manylinux_2_31_aarch64 --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
   --only-binary=:all:)
 
 usage() {

@@ -166,6 +166,12 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
     for flag, dest, typ, help in OPTION_FLAGS:
         g.add_argument(flag, dest=dest, type=typ, help=help)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument(
+        "--format",
+        metavar="json|@FILE|SCHEMA",
+        help="answer in JSON: 'json' (any object), @schema.json or an inline JSON schema; "
+        "the prompt should ask for it (docs/protocol.md)",
+    )
 
 
 def _request_options(args) -> dict:
@@ -174,6 +180,25 @@ def _request_options(args) -> dict:
     if args.stop:
         opts["stop"] = args.stop
     return opts
+
+
+def _request_format(args) -> str | dict | None:
+    """--format: "json", @FILE holding a JSON schema, or the schema itself."""
+    value = args.format
+    if value is None or value == "json":
+        return value
+    if value.startswith("@"):
+        try:
+            value = Path(value[1:]).read_text()
+        except OSError as e:
+            raise EdgedError(f"--format: cannot read {value[1:]}: {e.strerror}") from None
+    try:
+        schema = json.loads(value)
+    except ValueError as e:
+        raise EdgedError(f"--format: not 'json' and not a JSON schema: {e}") from None
+    if not isinstance(schema, dict):
+        raise EdgedError("--format: a JSON schema must be a JSON object")
+    return schema
 
 
 def _read_prompt(text: str) -> str:
@@ -185,11 +210,14 @@ def cmd_run(args) -> int:
     from edged.engine.runner import EngineConfig
     from edged.models.loading import load_engine
 
+    fmt = _request_format(args)  # before the model loads: a bad schema fails fast
+    if fmt is not None:
+        GenerateRequest.from_dict({"prompt": "", "format": fmt})
     engine = load_engine(args.model, config=EngineConfig(threads=args.threads))
     opts = _request_options(args)
     if args.prompt is not None:
         req = GenerateRequest.from_dict(
-            {"prompt": _read_prompt(args.prompt), "system": args.system, "raw": args.raw, "options": opts}
+            {"prompt": _read_prompt(args.prompt), "system": args.system, "raw": args.raw, "options": opts, "format": fmt}
         )
         _stream(engine, req, args.verbose)
         return 0
@@ -224,6 +252,7 @@ def _stream(engine, req, verbose: bool) -> str:
 def _chat(engine, args, opts) -> int:
     from edged.engine.request import GenerateRequest
 
+    fmt = _request_format(args)
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -246,7 +275,7 @@ def _chat(engine, args, opts) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
-        req = GenerateRequest.from_dict({"messages": messages, "options": opts})
+        req = GenerateRequest.from_dict({"messages": messages, "options": opts, "format": fmt})
         try:
             answer = _stream(engine, req, args.verbose)
         except EdgedError as e:
@@ -284,6 +313,9 @@ def cmd_ask(args) -> int:
     opts = _request_options(args)
     if opts:
         req["options"] = opts
+    fmt = _request_format(args)
+    if fmt is not None:
+        req["format"] = fmt
 
     def show(frame: dict) -> None:
         if args.json:

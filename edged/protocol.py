@@ -1,11 +1,12 @@
 """The wire codec shared by every transport: bytes -> validated `Frame`, and reply frames.
 
 A request is a JSON object; field names follow Ollama's API where they overlap
-(`prompt`, `system`, `messages`, `options`, `stream`, `raw`, `model`), so the
-same JSON works on every transport. Replies:
+(`prompt`, `system`, `messages`, `options`, `stream`, `raw`, `model`, `format`,
+`tools`), so the same JSON works on every transport. Replies:
 
     {"id": ..., "delta": "text", "seq": n}                 # only when streaming
-    {"id": ..., "done": true, "response": ..., <stats>}    # final (chat: "message")
+    {"id": ..., "done": true, "response": ..., <stats>}    # final (chat: "message", with
+                                                           # "tool_calls" for a tool call)
     {"id": ..., "done": true, "error": {"code", "message", ...}}
 
 See docs/protocol.md.
@@ -26,10 +27,10 @@ GEN_OPS = ("generate", "chat")
 MAX_ID_CHARS = 128
 
 # Top-level fields a request may carry; anything else is an error naming the field.
-# `keep_alive`, `format` are Ollama fields accepted and ignored (documented).
+# `keep_alive` is an Ollama field accepted and ignored (documented).
 _FIELDS = {
     "id", "op", "prompt", "system", "messages", "options", "stream", "raw", "model",
-    "priority", "timeout_ms", "reply_to", "target", "keep_alive",
+    "priority", "timeout_ms", "reply_to", "target", "keep_alive", "format", "tools",
 }  # fmt: skip
 
 
@@ -149,7 +150,7 @@ def parse(obj: dict, *, default_stream: bool, default_op: str | None = None, max
             raise RequestError("chat needs 'messages'", field="messages")
         if op == "generate" and "messages" in obj:
             raise RequestError("generate takes 'prompt'; use op 'chat' for 'messages'", field="messages")
-        body = {k: obj[k] for k in ("prompt", "system", "messages", "options", "raw") if k in obj}
+        body = {k: obj[k] for k in ("prompt", "system", "messages", "options", "raw", "format", "tools") if k in obj}
         f.gen = GenerateRequest.from_dict(body, max_prompt_chars=max_prompt_chars)
     elif op == "cancel":
         target = obj.get("target", rid)
@@ -196,9 +197,13 @@ def delta_frame(rid: Any, text: str, seq: int) -> dict:
     return {"id": rid, "delta": text, "seq": seq}
 
 
-def final_frame(rid: Any, *, model: str, text: str, stats: dict, chat: bool) -> dict:
+def final_frame(rid: Any, *, model: str, text: str, stats: dict, chat: bool, tool_calls: list | None = None) -> dict:
+    """`tool_calls`: a chat answer that is a tool call; its JSON text is then not repeated
+    as `content` (Ollama's shape: content "" and message.tool_calls)."""
     out: dict = {"id": rid, "done": True, "model": model, "created_at": _now()}
-    if chat:
+    if chat and tool_calls:
+        out["message"] = {"role": "assistant", "content": "", "tool_calls": tool_calls}
+    elif chat:
         out["message"] = {"role": "assistant", "content": text}
     else:
         out["response"] = text

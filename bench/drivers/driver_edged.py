@@ -26,17 +26,17 @@ emit({"event": "ready"})
 rss_loaded = rss_now_bytes()
 
 
-def request(text: str, n: int) -> GenerateRequest:
+def request(text: str, n: int, fmt=None) -> GenerateRequest:
     # raw: the prompt's tokens are exactly the ids the anchors get; greedy, no penalties
     return GenerateRequest.from_dict(
-        {"prompt": text, "raw": True,
+        {"prompt": text, "raw": True, "format": fmt,
          "options": {"temperature": 0, "num_predict": n, "repeat_penalty": 1.0, "top_k": 1}},
         max_prompt_chars=None)
 
 
-def stream(text: str, n: int, info: dict):
+def stream(text: str, n: int, info: dict, fmt=None):
     def start():
-        gen = engine.generate(request(text, n), cancel=threading.Event())
+        gen = engine.generate(request(text, n, fmt), cancel=threading.Event())
         produced = 0
         for _delta in gen:
             # deltas are text; count the tokens behind them
@@ -83,9 +83,25 @@ for c in spec.get("concurrency", []):
     conc.append({"clients": c, "tokens": tokens, "wall_s": wall, "aggregate_tps": tokens / wall,
                  "mode": "continuous batching (as edged serve)"})
 
+peak_all = peak_rss_bytes()  # before the schema runs: the constraint tokenizer is not in the RSS figures
+
+# Decode with a JSON schema enforced vs free, same prompt and token count, alternating
+# (off/on, then on/off, ...) so drift in the machine's load cancels. The schema's long
+# string keeps the answer going for the whole budget; the mask is computed every token.
+SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 100000}}, "required": ["story"]}
+engine.generate(request(spec["prompts"][0]["text"], 4, SCHEMA)).run()  # builds the constraint tokenizer once
+schema_pairs = []
+for i in range(spec.get("schema_pairs", 3)):
+    pair = {}
+    for fmt in ((None, SCHEMA) if i % 2 == 0 else (SCHEMA, None)):
+        info: dict = {}
+        r = measure_stream(stream(spec["prompts"][0]["text"], spec["n_gen"], info, fmt), 0)
+        pair["on" if fmt else "off"] = {"decode_tps": r["decode_tps"], "gen_tokens": r["gen_tokens"]}
+    schema_pairs.append(pair)
+
 d = engine.describe()
-emit({"event": "result", "engine": "edged", "prompts": results, "concurrency": conc,
-      "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_rss_bytes(),
+emit({"event": "result", "engine": "edged", "prompts": results, "concurrency": conc, "schema": schema_pairs,
+      "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_all,
       "load_duration_s": engine.load_duration / 1e9, "describe": d,
       "weight_bytes": sum(f["size"] for name, f in engine.model.manifest["files"].items() if ".onnx" in name),
       "weight_bytes_per_token": onnx_matmul_weight_bytes(str(engine.model.file("model")))})

@@ -14,6 +14,7 @@ through one runner.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -22,13 +23,16 @@ from typing import Iterator, Protocol
 
 from tokenizers import Tokenizer
 
+from edged.engine.constrain import Constraints, Grammar, GrammarFailed, request_schema
 from edged.engine.detok import IncrementalDecoder
 from edged.engine.request import GenerateRequest, Options
 from edged.engine.runner import EngineConfig, GraphInfo, Runner, release_free_memory
 from edged.engine.sampling import Sampler
 from edged.engine.stops import StopMatcher
-from edged.engine.template import ChatTemplate
+from edged.engine.template import ChatTemplate, tool_prompt_messages
 from edged.errors import ContextOverflow, RequestError
+
+log = logging.getLogger("edged.engine")
 
 
 class Model(Protocol):
@@ -55,6 +59,7 @@ class Prepared:
     capacity: int  # KV slots this request may need at most
     max_new: int
     truncated: int  # prompt tokens dropped to fit
+    grammar: Grammar | None = None  # the answer must follow it (format, forced tool call)
 
 
 class Engine:
@@ -95,8 +100,8 @@ class Engine:
             messages = [m for m in messages if m["role"] != "system"]
             messages.insert(0, {"role": "system", "content": req.system})
         if self.template is None:
-            return "\n".join(m["content"] for m in messages)
-        return self.template.render(messages, add_generation_prompt=True)
+            return "\n".join(m["content"] for m in tool_prompt_messages(messages, req.tools))
+        return self.template.render(messages, add_generation_prompt=True, tools=req.tools)
 
     def prepare(self, req: GenerateRequest, *, max_predict: int | None = None) -> Prepared:
         opts = Options.from_dict(req.options, base=self.defaults)
@@ -121,7 +126,9 @@ class Engine:
             tokens = tokens[-keep:]
         room = n_ctx - len(tokens)
         max_new = room if opts.num_predict < 0 else min(opts.num_predict, room)
-        return Prepared(tokens, opts, len(tokens) + max_new, max_new, truncated)
+        constraint = request_schema(req)
+        grammar = Constraints.of(self).grammar(constraint[0], field=constraint[1]) if constraint else None
+        return Prepared(tokens, opts, len(tokens) + max_new, max_new, truncated, grammar)
 
     # -- generation ------------------------------------------------------------
     def generate(self, req: GenerateRequest, *, cancel: threading.Event | None = None) -> "Generation":
@@ -153,7 +160,9 @@ class Decoder:
         self.deadline = deadline  # time.monotonic() after which no further token is made
         self.sampler = Sampler(prepared.options)
         self.detok = IncrementalDecoder(engine.tokenizer)
-        self.stops = StopMatcher(prepared.options.stop)
+        # With a grammar, stop strings are not applied: it decides where the answer ends.
+        self.guide = prepared.grammar.start() if prepared.grammar is not None else None
+        self.stops = StopMatcher(() if self.guide else prepared.options.stop)
         self.history = list(prepared.tokens)
         self.tokens: list[int] = []
         self.n = 0
@@ -166,7 +175,15 @@ class Decoder:
             return self._finish("cancel"), None
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return self._finish("deadline"), None
-        tok = self.sampler(logits, self.history)
+        try:
+            if self.guide is not None:
+                logits = self.guide.mask(logits)
+            tok = self.sampler(logits, self.history)
+            if self.guide is not None and tok not in self.eos:
+                self.guide.advance(tok)
+        except GrammarFailed as e:
+            log.warning("constrained decoding stopped: %s", e)
+            return self._finish("error"), None
         self.n += 1
         if tok in self.eos:
             return self._finish("stop"), None
@@ -176,6 +193,8 @@ class Decoder:
         if hit:
             self._stop_string = True
             return out + self._finish("stop"), None
+        if self.guide is not None and self.guide.complete:
+            return out + self._finish("stop"), None  # the grammar admits nothing more: EOS
         if self.n >= self.p.max_new:
             return out + self._finish("length"), None
         return out, tok

@@ -7,6 +7,8 @@ model, so transports can reject bad input before it reaches the queue.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -113,6 +115,8 @@ class GenerateRequest:
     system: str | None = None
     raw: bool = False
     options: dict = field(default_factory=dict)  # validated overrides, applied over model defaults
+    format: str | dict | None = None  # "json" or a JSON schema the answer must follow
+    tools: tuple[dict, ...] | None = None  # Ollama's tool list, normalized (chat only)
 
     @classmethod
     def from_dict(cls, data: dict, *, max_prompt_chars: int | None = None) -> "GenerateRequest":
@@ -138,9 +142,19 @@ class GenerateRequest:
                     raise RequestError(
                         f"messages[{i}].role must be one of {', '.join(ROLES)}", field=f"messages[{i}].role"
                     )
+                calls = _tool_calls(m.get("tool_calls"), i) if role == "assistant" else None
+                if content is None and calls:
+                    content = ""  # an assistant turn that only called tools
                 if not isinstance(content, str):
                     raise RequestError(f"messages[{i}].content must be a string", field=f"messages[{i}].content")
-                checked.append({"role": role, "content": content})
+                msg = {"role": role, "content": content}
+                if calls:
+                    msg["tool_calls"] = calls
+                if role == "tool" and m.get("tool_name") is not None:
+                    if not isinstance(m["tool_name"], str):
+                        raise RequestError(f"messages[{i}].tool_name must be a string", field=f"messages[{i}].tool_name")
+                    msg["tool_name"] = m["tool_name"]
+                checked.append(msg)
             msgs = tuple(checked)
         system = data.get("system")
         if system is not None and not isinstance(system, str):
@@ -152,10 +166,108 @@ class GenerateRequest:
             raise RequestError("'raw' applies to 'prompt' only", field="raw")
         opts = data.get("options")
         Options.from_dict(opts)  # validate now, apply over the model's defaults later
+        fmt = _format(data.get("format"))
+        tools = _tools(data.get("tools"))
+        if tools is not None and msgs is None:
+            raise RequestError("'tools' needs a chat request ('messages')", field="tools")
         if max_prompt_chars is not None:
             size = len(prompt or "") + len(system or "") + sum(len(m["content"]) for m in msgs or ())
+            if tools:
+                size += len(json.dumps(tools))  # they go into the prompt
             if size > max_prompt_chars:
                 raise RequestError(
                     f"prompt too large: {size} characters, limit {max_prompt_chars}", field="prompt"
                 )
-        return cls(prompt=prompt, messages=msgs, system=system, raw=raw, options=dict(opts or {}))
+        return cls(
+            prompt=prompt, messages=msgs, system=system, raw=raw, options=dict(opts or {}), format=fmt, tools=tools
+        )
+
+    @property
+    def forces_tool_call(self) -> bool:
+        """With `tools`, the answer must be a tool call unless it follows a tool result: a
+        small model asked to choose mostly never calls, so the turn that should call is
+        forced; after a `tool` message the model answers in text (or in `format`)."""
+        return bool(self.tools) and self.messages is not None and self.messages[-1]["role"] != "tool"
+
+
+MAX_TOOLS = 64
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _format(value: Any) -> str | dict | None:
+    """Ollama's `format`: "json" (any JSON object) or a JSON schema; "" or null: none."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return "json"
+    if not isinstance(value, dict):
+        raise RequestError("'format' must be \"json\" or a JSON schema object", field="format")
+    from edged.engine.constrain import check_schema
+
+    check_schema(value, field="format")
+    return value
+
+
+def _tools(value: Any) -> tuple[dict, ...] | None:
+    """Ollama's `tools`: [{"type": "function", "function": {"name", "description", "parameters"}}]."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise RequestError("'tools' must be a non-empty list", field="tools")
+    if len(value) > MAX_TOOLS:
+        raise RequestError(f"'tools' holds {len(value)} tools; the limit is {MAX_TOOLS}", field="tools")
+    from edged.engine.constrain import check_schema, tool_call_schema
+
+    out, names = [], set()
+    for i, t in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("function"), dict):
+            raise RequestError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", field=where)
+        if t.get("type", "function") != "function":
+            raise RequestError(f"{where}.type must be \"function\"", field=f"{where}.type")
+        f = t["function"]
+        name = f.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise RequestError(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-'", field=f"{where}.function.name")
+        if name in names:
+            raise RequestError(f"{where}.function.name {name!r} is given twice", field=f"{where}.function.name")
+        names.add(name)
+        desc = f.get("description", "")
+        if not isinstance(desc, str):
+            raise RequestError(f"{where}.function.description must be a string", field=f"{where}.function.description")
+        params = f.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise RequestError(
+                f"{where}.function.parameters must be a JSON schema of type object", field=f"{where}.function.parameters"
+            )
+        check_schema(params, field=f"{where}.function.parameters")
+        fn = {"name": name, "description": desc, "parameters": params} if desc else {"name": name, "parameters": params}
+        out.append({"type": "function", "function": fn})
+    check_schema(tool_call_schema(out), field="tools")
+    return tuple(out)
+
+
+def _tool_calls(value: Any, i: int) -> tuple[dict, ...] | None:
+    """An assistant message's earlier calls, Ollama's shape: [{"function": {"name", "arguments": {...}}}]."""
+    if value is None:
+        return None
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(value, list):
+        raise RequestError(f"{where} must be a list", field=where)
+    out = []
+    for j, c in enumerate(value):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise RequestError(f"{where}[{j}] must be {{\"function\": {{\"name\", \"arguments\"}}}}", field=f"{where}[{j}]")
+        args = f.get("arguments", {})
+        if isinstance(args, str):  # OpenAI's clients send the arguments as JSON text
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not isinstance(args, dict):
+            raise RequestError(f"{where}[{j}].function.arguments must be an object", field=f"{where}[{j}].function.arguments")
+        out.append({"function": {"name": f["name"], "arguments": args}})
+    return tuple(out)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edged import __version__, protocol
+from edged.engine.constrain import tool_calls
 from edged.errors import ConfigError, EdgedError, ModelNotFound, ShuttingDown
 from edged.protocol import Frame, Peer
 from edged.ops.sources import rss_bytes
@@ -265,7 +266,11 @@ class Replies:
 
     def done(self, job: Job, text: str, stats: dict) -> None:
         model = self.server.model_info.get("name") or ""
-        self._send(protocol.final_frame(self.frame.id, model=model, text=text, stats=stats, chat=self.frame.op == "chat"), True)
+        calls = tool_calls(self.frame.gen, text, stats.get("done_reason")) if self.frame.gen is not None else None
+        self._send(
+            protocol.final_frame(self.frame.id, model=model, text=text, stats=stats, chat=self.frame.op == "chat", tool_calls=calls),
+            True,
+        )
 
     def failed(self, job: Job, error: Exception) -> None:
         self._send(protocol.error_frame(self.frame.id, error), True)

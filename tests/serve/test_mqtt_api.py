@@ -91,7 +91,7 @@ MALFORMED_MQTT = [
     b'{"prompt": "x", "stream": 1}', b'{"prompt": "x", "raw": "no"}', b'{"prompt": "x", "system": []}',
     b'{"prompt": "x", "priority": 1.5}', b'{"prompt": "x", "timeout_ms": 0}', b'{"prompt": "x", "id": []}',
     b'{"prompt": "x", "id": false}', b'{"prompt": "x", "model": 1}', b'{"prompt": "x", "model": "other"}',
-    b'{"prompt": "x", "extra": 1}', b'{"prompt": "x", "format": "json"}', b'{"prompt": "x", "reply_to": "a/#"}',
+    b'{"prompt": "x", "extra": 1}', b'{"prompt": "x", "format": "xml"}', b'{"prompt": "x", "reply_to": "a/#"}',
     b'{"prompt": "x", "reply_to": 5}', b'{"op": "cancel", "target": {}}', b'{"prompt": "", "raw": true}',
     b'{"prompt": "' + b"w" * 40_000 + b'"}',  # over max_prompt_chars
     b'{"prompt": "' + b"v" * 263_000 + b'"}',  # over max_request_bytes, within the packet size we announce
