@@ -29,7 +29,7 @@ from edged.engine.request import GenerateRequest, Options
 from edged.engine.runner import EngineConfig, GraphInfo, Runner, release_free_memory
 from edged.engine.sampling import Sampler
 from edged.engine.stops import StopMatcher
-from edged.engine.template import ChatTemplate, tool_prompt_messages
+from edged.engine.template import ChatTemplate, ControlText, tool_prompt_messages
 from edged.errors import ContextOverflow, RequestError
 
 log = logging.getLogger("edged.engine")
@@ -71,6 +71,7 @@ class Engine:
         self.config = config
         self.info = GraphInfo.from_manifest(m["graph"])
         self.tokenizer = Tokenizer.from_file(str(model.file("tokenizer")))
+        self.control = ControlText(self.tokenizer)
         release_free_memory()  # before the weights arrive: the parse garbage must not add to the peak
         tmpl_path = m["files_by_role"].get("chat_template")
         self.template = (
@@ -93,22 +94,37 @@ class Engine:
 
     # -- preparation -----------------------------------------------------------
     def render(self, req: GenerateRequest) -> str:
+        """The prompt text as the model reads it: the rendered template, or a raw prompt."""
+        text, marks = self._render(req)
+        return self.control.reveal(text, marks)
+
+    def prompt_tokens(self, req: GenerateRequest) -> list[int]:
+        """The prompt's token ids. Control tokens come only from the chat template's own
+        text: control-token text in the caller's strings is tokenized as plain text
+        (template.ControlText). A raw prompt is the caller's own template, so control-token
+        text in it is read as control tokens, as Ollama does."""
+        text, marks = self._render(req)
+        return self.control.encode(text, marks)
+
+    def _render(self, req: GenerateRequest) -> tuple[str, dict[str, str]]:
+        """The rendered prompt with markers in place of the caller's control-token text, and the markers."""
         if req.raw:
-            return req.prompt or ""
+            return req.prompt or "", {}
         messages = list(req.messages) if req.messages is not None else [{"role": "user", "content": req.prompt}]
         if req.system is not None:
             messages = [m for m in messages if m["role"] != "system"]
             messages.insert(0, {"role": "system", "content": req.system})
+        marks = self.control.markers(messages, req.tools)
+        messages, tools = self.control.hide(messages, marks), self.control.hide(req.tools, marks)
         if self.template is None:
-            return "\n".join(m["content"] for m in tool_prompt_messages(messages, req.tools))
-        return self.template.render(messages, add_generation_prompt=True, tools=req.tools)
+            return "\n".join(m["content"] for m in tool_prompt_messages(messages, tools)), marks
+        return self.template.render(messages, add_generation_prompt=True, tools=tools), marks
 
     def prepare(self, req: GenerateRequest, *, max_predict: int | None = None) -> Prepared:
         opts = Options.from_dict(req.options, base=self.defaults)
         if max_predict is not None and not 0 < opts.num_predict <= max_predict:
             opts = replace(opts, num_predict=max_predict)  # the daemon's cap; -1 (to the context's end) too
-        text = self.render(req)
-        tokens = self.tokenizer.encode(text, add_special_tokens=False).ids
+        tokens = self.prompt_tokens(req)
         if not tokens:
             raise RequestError("prompt is empty", field="prompt")
         n_ctx = min(opts.num_ctx or self.context_length, self.context_length)
