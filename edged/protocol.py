@@ -15,6 +15,7 @@ See docs/protocol.md.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -68,9 +69,25 @@ def decode(data: bytes | str, *, limit: int) -> dict:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise MalformedRequest("not valid JSON (UTF-8)") from None
+    if _SURROGATE.search(data) and _lone_surrogate(obj):
+        raise MalformedRequest("a JSON string holds a lone UTF-16 surrogate, which UTF-8 cannot carry")
     if not isinstance(obj, dict):
         raise MalformedRequest("request must be a JSON object")
     return obj
+
+
+# An escaped surrogate (\ud800) or a raw one (json.loads decodes bytes with surrogatepass):
+# only a request holding one of these pays for the full check.
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _lone_surrogate(obj: Any) -> bool:
+    # A pair (an escaped emoji) encodes; a lone half cannot, and no reply echoing it could be sent.
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _too_deep(data: bytes) -> bool:

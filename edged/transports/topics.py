@@ -15,6 +15,17 @@ from edged.errors import ReplyTopicRefused, RequestError
 MQTT_MAX_TOPIC_BYTES = 65535
 
 
+def _malformed_char(topic: str) -> str | None:
+    """The first code point MQTT lets a receiver treat as a malformed packet: U+0000,
+    the controls U+0001-U+001F and U+007F-U+009F, and the Unicode non-characters.
+    mosquitto does, and drops the connection that sent it."""
+    for ch in topic:
+        c = ord(ch)
+        if c <= 0x1F or 0x7F <= c <= 0x9F or 0xFDD0 <= c <= 0xFDEF or c & 0xFFFE == 0xFFFE:
+            return ch
+    return None
+
+
 def check_name(topic: object, *, max_chars: int, what: str = "reply topic") -> str:
     """A topic name edged can publish on, or RequestError naming what is wrong."""
     if not isinstance(topic, str) or not topic:
@@ -27,8 +38,9 @@ def check_name(topic: object, *, max_chars: int, what: str = "reply topic") -> s
         raise RequestError(f"{what} is not valid UTF-8", field="reply_to") from None
     if size > MQTT_MAX_TOPIC_BYTES:
         raise RequestError(f"{what} is longer than MQTT allows", field="reply_to")
-    if "\x00" in topic:
-        raise RequestError(f"{what} contains U+0000", field="reply_to")
+    bad = _malformed_char(topic)
+    if bad is not None:
+        raise RequestError(f"{what} contains U+{ord(bad):04X} (a control character or non-character)", field="reply_to")
     if "+" in topic or "#" in topic:
         raise RequestError(f"{what} must not contain the wildcards '+' or '#'", field="reply_to")
     return topic
