@@ -388,6 +388,14 @@ def test_remote_address_needs_allow_remote_and_a_token(web, tmp_path):
         web(http__token_file=str(tmp_path / "short"))
 
 
+def test_port_in_use_stops_the_start_with_a_clear_message(web):
+    with socket.socket() as taken:  # e.g. Ollama itself on 11434
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(EdgedError, match="cannot listen for HTTP on 127.0.0.1:%d" % taken.getsockname()[1]):
+            web(http__port=taken.getsockname()[1])
+
+
 def test_host_and_origin_checks(web):
     d = web(http__origins=["https://app.example"])
     assert raw(d, "GET", "/api/tags", headers={"Host": "evil.example:11434"})[0] == 403  # DNS rebinding
