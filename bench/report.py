@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import statistics
 
-ENGINES = ("edged", "llamacpp", "ortgenai")
-LABELS = {"edged": "edged (int8 ONNX)", "llamacpp": "llama.cpp Q8_0", "ortgenai": "onnxruntime-genai int8"}
+ENGINES = ("edged", "edged_int4", "llamacpp", "llamacpp_q4_1", "llamacpp_q4_0", "ortgenai")
+LABELS = {"edged": "edged (int8 ONNX)", "edged_int4": "edged (int4-block32)", "llamacpp": "llama.cpp Q8_0",
+          "llamacpp_q4_1": "llama.cpp Q4_1 (shipped)", "llamacpp_q4_0": "llama.cpp Q4_0",
+          "ortgenai": "onnxruntime-genai int8"}
 # Copied to the top level of the results: the names the issues ask for.
 HEADLINE = ("decode_ratio_vs_llamacpp_q8_0", "decode_ratio_vs_ortgenai_int8", "ttft_ratio_vs_llamacpp",
             "rss_ratio_vs_llamacpp")
@@ -249,6 +251,9 @@ def markdown_report(results: dict) -> str:
         if t.get("goals"):
             lines.append("")
             lines.append("Goals: " + ", ".join(f"{k}: {v}" for k, v in t["goals"].items()))
+    from bench import int4  # imports this module: loaded late
+
+    lines += int4.markdown(results)
     if results.get("missing"):
         lines += ["", "Not measured in this run:", ""] + [f"- {x}" for x in results["missing"]]
     lines += ["", "Concurrency: edged decodes concurrent requests together (continuous batching, the daemon's "
@@ -291,6 +296,11 @@ def derive(results: dict) -> dict:
                                 bw.get("best_gbps")) for eng, s in summary.items()}
     for k in HEADLINE:
         results[k] = results["ratios"].get(k)
+    from bench import int4  # imports this module: loaded late
+
+    results["int4_ratios"] = int4.int4_ratios(runs, list(pt) or ["short", "long"], pt)
+    for k in int4.HEADLINE:
+        results[k] = results["int4_ratios"].get(k)
     sd = schema_decode(runs.get("edged", []))
     if sd["pairs"] or "schema_decode" not in results:  # runs older than the figure keep the one measured apart
         results["schema_decode"] = sd

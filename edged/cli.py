@@ -38,7 +38,7 @@ def _store(args):
 def cmd_pull(args) -> int:
     from edged.models.registry import pull
 
-    done = pull(args.model, target=args.target, store=_store(args), progress=_progress())
+    done = pull(args.model, target=args.target, scheme=args.scheme, store=_store(args), progress=_progress())
     if done.action == "converted":
         _print_gate(done.model.manifest)
         print(f"pulled {args.model} -> {done.model.path}")
@@ -106,7 +106,8 @@ def _print_gate(man: dict) -> None:
     if g.get("status") in ("passed", "failed"):
         print(
             f"quality gate: {g['status']}: perplexity ratio {g['perplexity_ratio']:.4f} "
-            f"(int8 {g['perplexity_int8']:.3f} / fp32 {g['perplexity_fp32']:.3f}, max {g['thresholds']['max_perplexity_ratio']}), "
+            f"({man.get('quantization', {}).get('precision', 'int8')} {g['perplexity_int8']:.3f} / fp32 {g['perplexity_fp32']:.3f}, "
+            f"max {g['thresholds']['max_perplexity_ratio']}), "
             f"agreement {g['agreement']:.4f} over {g['agreement_tokens']} tokens (min {g['thresholds']['min_agreement']})"
         )
     else:
@@ -397,8 +398,12 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edged.models.quantize import TARGETS
+    from edged.models.quantize import SCHEMES, TARGETS
 
+    SCHEME_HELP = (  # noqa: N806
+        f"quantization scheme ({', '.join(SCHEMES)}; default: the target's, int8-block32); "
+        "int4-block32 is 4-bit, smaller and faster, behind the same quality gate (docs/models.md)"
+    )
     p = argparse.ArgumentParser(prog="edged", description="On-device language models for Raspberry Pi class boards.")
     p.add_argument("--version", action="version", version=f"edged {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -423,12 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl = command("pull", cmd_pull, "prepare an embedded model (smollm2-135m)")
     pl.add_argument("model")
     pl.add_argument("--target", choices=TARGETS, help="ISA to quantize for (default: this host)")
+    pl.add_argument("--scheme", help=SCHEME_HELP)
 
     c = command("convert", cmd_convert, "convert a Hugging Face folder or a .gguf file")
     c.add_argument("source")
     c.add_argument("--name", required=True)
     c.add_argument("--target", choices=TARGETS, help="ISA to quantize for (default: this host)")
-    c.add_argument("--scheme", help=argparse.SUPPRESS)  # force a scheme (tests of the gate)
+    c.add_argument("--scheme", help=SCHEME_HELP)
 
     ls = command("list", cmd_list, "list installed models")
     ls.add_argument("--json", action="store_true")

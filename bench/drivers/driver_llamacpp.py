@@ -1,7 +1,8 @@
 """llama.cpp driver (llama-cpp-python, in .cache/bench/venv-llamacpp).
 
     python driver_llamacpp.py SPEC.json              measure (protocol in _driver_common)
-    python driver_llamacpp.py --quantize IN OUT      requantize a GGUF to Q8_0 with llama.cpp's API
+    python driver_llamacpp.py --quantize IN OUT [TYPE]   requantize a GGUF (TYPE Q8_0, the default,
+                                                         or Q4_0) with llama.cpp's API
     python driver_llamacpp.py --version              JSON: llama-cpp-python version + system info
 """
 
@@ -15,13 +16,13 @@ import threading
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def quantize(src: str, dst: str) -> None:
+def quantize(src: str, dst: str, kind: str = "Q8_0") -> None:
     import ctypes
 
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
     params.allow_requantize = True
     params.nthread = 2
     tmp = dst + ".tmp"

@@ -14,8 +14,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABELS = {"edged": "edged (int8 ONNX)", "llamacpp": "llama.cpp Q8_0", "ortgenai": "onnxruntime-genai int8"}
-STYLE = {"edged": ("tab:blue", "o"), "llamacpp": ("tab:orange", "s"), "ortgenai": ("tab:green", "^")}
+LABELS = {"edged": "edged (int8 ONNX)", "edged_int4": "edged (int4-block32)", "llamacpp": "llama.cpp Q8_0",
+          "llamacpp_q4_1": "llama.cpp Q4_1", "llamacpp_q4_0": "llama.cpp Q4_0", "ortgenai": "onnxruntime-genai int8"}
+STYLE = {"edged": ("tab:blue", "o"), "edged_int4": ("tab:purple", "D"), "llamacpp": ("tab:orange", "s"),
+         "llamacpp_q4_1": ("tab:red", "v"), "llamacpp_q4_0": ("tab:brown", "<"), "ortgenai": ("tab:green", "^")}
 
 
 def main(src: str, dst: str) -> None:
@@ -24,7 +26,7 @@ def main(src: str, dst: str) -> None:
     pt = res.get("config", {}).get("prompt_tokens", {})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     names = sorted(pt, key=lambda n: pt[n])
-    for eng in ("edged", "llamacpp", "ortgenai"):
+    for eng in STYLE:
         e = s.get(eng)
         if not e:
             continue

@@ -3,8 +3,9 @@
   1. load      GGUF (dequantized by transformers' GGUF loader) or an HF folder -> fp32
   2. build     fused fp32 ONNX graph (models/builder.py), the gate's reference
   3. calibrate per-channel activation maxima on a short text (for SmoothQuant)
-  4. quantize  the scheme of the target ISA (models/quantize.py)
-  5. gate      int8 vs fp32 (models/gate.py); refuse on failure, nothing installed
+  4. quantize  the scheme of the target ISA, or --scheme (models/quantize.py); int4-block32
+               from a GGUF carries the file's own blocks over (models/gguf_blocks.py)
+  5. gate      quantized vs fp32 (models/gate.py); refuse on failure, nothing installed
   6. install   tokenizer, chat template, manifest; one rename makes it visible
 
 Needs the `convert` extra (torch, transformers, onnx); never imported at run time.
@@ -198,7 +199,8 @@ def convert(
         fp32 = work / "fp32.onnx"
         save_model(build_decoder(spec, src.weights), str(fp32))
         weights = src.weights
-        if SCHEMES[scheme].get("smoothquant_alpha"):
+        blocks = _source_blocks(src, spec, scheme, say)
+        if SCHEMES[scheme].get("smoothquant_alpha") and not blocks:
             say("calibrate: activation ranges")
             calib_tokens = fast_tok.encode(qgate.GATE_TEXT, add_special_tokens=False).ids[:256]
             amax = _calibrate(fp32, calibration_points(spec), calib_tokens, info)
@@ -208,7 +210,10 @@ def convert(
         else:
             pre = fp32
         say(f"quantize: {scheme} for {target}")
-        quantize(str(pre), str(staging / "model.onnx"), scheme)
+        report = quantize(
+            str(pre), str(staging / "model.onnx"), scheme,
+            source_blocks=blocks, num_layers=spec.num_layers, tied=spec.tie_word_embeddings,
+        )
 
         eos = _eos_ids(src)
         bos = src.tokenizer.bos_token
@@ -227,8 +232,11 @@ def convert(
                 )
             del ref, cand
             if result["status"] != "passed":
+                hint = ""
+                if scheme != TARGET_SCHEME[target]:
+                    hint = f"; {scheme} loses too much for this model: the default {TARGET_SCHEME[target]} keeps more"
                 raise QualityGateFailed(
-                    f"quality gate refused {name!r} ({scheme} for {target}): " + "; ".join(result["failures"]),
+                    f"quality gate refused {name!r} ({scheme} for {target}): " + "; ".join(result["failures"]) + hint,
                     gate=result,
                 )
         else:
@@ -242,7 +250,13 @@ def convert(
             "source": {"kind": src.kind, "path": str(src.path), **(source_info or {})},
             "architecture": spec.model_type,
             "target": target,
-            "quantization": {"scheme": scheme, "precision": "int8", **SCHEMES[scheme]},
+            "quantization": {
+                "scheme": scheme,
+                "precision": f"int{SCHEMES[scheme]['bits']}",
+                **SCHEMES[scheme],
+                **({"smoothquant_alpha": None} if blocks else {}),  # the source's blocks are used unsmoothed
+                **report,
+            },
             "graph": {
                 "kind": "edged-fused-v2",  # v2: inputs_embeds + embedding table file
                 "shared_kv": True,
@@ -284,6 +298,23 @@ def convert(
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _source_blocks(src: Source, spec, scheme: str, say: Progress) -> dict:
+    """The GGUF's own Q4_0/Q4_1/Q8_0 weight blocks, for schemes that carry them over; {}
+    for other schemes and sources. With blocks, nothing is smoothed: the quantized model
+    computes with the source's numbers, and the fp32 reference is their expansion."""
+    from edged.models.quantize import SCHEMES
+
+    if not SCHEMES[scheme].get("source_blocks") or src.kind != "gguf":
+        return {}
+    from edged.models.gguf_blocks import read_blocks
+
+    say("read: the GGUF's quantized blocks")
+    try:
+        return read_blocks(src.path, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads)
+    except ImportError as e:
+        raise MissingExtra(f"reading GGUF blocks needs the convert extra ({e.name} is missing): pip install 'edged[convert]'") from None
 
 
 def _gate_prompt(src: Source, text: str) -> list[int]:

@@ -94,7 +94,7 @@ def evaluate(reference, candidate, *, text_tokens: list[int], prompts: list[list
     agreement = hits / max(total, 1)
     failures = []
     if not ratio <= MAX_PPL_RATIO:
-        failures.append(f"perplexity ratio {ratio:.3f} > {MAX_PPL_RATIO:.2f} (int8 {ppl_cand:.2f} vs fp32 {ppl_ref:.2f})")
+        failures.append(f"perplexity ratio {ratio:.3f} > {MAX_PPL_RATIO:.2f} (quantized {ppl_cand:.2f} vs fp32 {ppl_ref:.2f})")
     if not agreement >= MIN_AGREEMENT:
         failures.append(f"greedy-token agreement {agreement:.3f} < {MIN_AGREEMENT:.2f} over {total} tokens")
     return {

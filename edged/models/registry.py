@@ -75,11 +75,12 @@ def resolve(name: str) -> tuple[Embedded, Path]:
     return entry, locate(entry)
 
 
-def is_current(manifest: dict, source_sha256: str, target: str) -> bool:
+def is_current(manifest: dict, source_sha256: str, target: str, scheme: str | None = None) -> bool:
     """Whether a prepared model's graph is what `edged pull` would make now: same source
-    file, same target, same converter version and the target's current default scheme
-    (a store made by an older edged is prepared again, not served stale). Generation
-    defaults are not part of this: `pull` rewrites them without converting again."""
+    file, same target, same converter version and the asked scheme (default: the target's
+    current default scheme; a store made by an older edged is prepared again, not served
+    stale). Generation defaults are not part of this: `pull` rewrites them without
+    converting again."""
     from edged.models.convert import CONVERTER_VERSION  # no heavy imports at module level
     from edged.models.quantize import TARGET_SCHEME
 
@@ -87,7 +88,7 @@ def is_current(manifest: dict, source_sha256: str, target: str) -> bool:
         manifest.get("source", {}).get("sha256") == source_sha256
         and manifest.get("target") == target
         and manifest.get("converter_version") == CONVERTER_VERSION
-        and manifest.get("quantization", {}).get("scheme") == TARGET_SCHEME.get(target)
+        and manifest.get("quantization", {}).get("scheme") == (scheme or TARGET_SCHEME.get(target))
     )
 
 
@@ -101,23 +102,29 @@ def pull(
     name: str,
     *,
     target: str | None = None,
+    scheme: str | None = None,
     store: ModelStore | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Pulled:
     """Prepare registry model `name` in `store`, or keep the prepared copy if it is current.
 
+    scheme: a quantization scheme other than the target's default (`--scheme
+    int4-block32`); the model is converted again when the prepared one has another.
+
     A current copy is re-hashed in full first (a damaged one is prepared again); if only its
     generation defaults differ from the registry's, they are rewritten in about a second
     instead of a conversion of a minute or two."""
-    from edged.models.quantize import host_target
+    from edged.models.quantize import SCHEMES, host_target
     from edged.models.store import sha256_file
 
+    if scheme is not None and scheme not in SCHEMES:
+        raise EdgedError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)})")
     store = store or ModelStore()
     entry, path = resolve(name)
     digest = sha256_file(path)
     try:
         existing = store.get(name)
-        if is_current(existing.manifest, digest, target or host_target()):
+        if is_current(existing.manifest, digest, target or host_target(), scheme):
             store.verify(existing, mode="full")
             if existing.manifest.get("generation_defaults") == entry.generation:
                 return Pulled(existing, "kept")
@@ -135,7 +142,8 @@ def pull(
         "description": entry.description,
     }
     model = convert(
-        path, name, target=target, store=store, progress=progress, source_info=info, generation_defaults=entry.generation
+        path, name, target=target, scheme=scheme, store=store, progress=progress, source_info=info,
+        generation_defaults=entry.generation,
     )
     return Pulled(model, "converted")
 
