@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -64,9 +65,13 @@ def _check_option(key: str, value: Any) -> Any:
     def bad(expect: str) -> RequestError:
         return RequestError(f"option {key!r} must be {expect}, got {value!r}", field=f"options.{key}")
 
-    if key in ("temperature", "repeat_penalty"):
-        if not _is_number(value) or value < 0:
-            raise bad("a number >= 0")
+    if key == "temperature":
+        if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 100:
+            raise bad("a number from 0 to 100")
+        return float(value)
+    if key == "repeat_penalty":
+        if not _is_number(value) or not math.isfinite(value) or not 0.001 <= value <= 100:
+            raise bad("a number from 0.001 to 100")
         return float(value)
     if key in ("top_p", "min_p"):
         if not _is_number(value) or not 0 <= value <= 1:

@@ -30,7 +30,7 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         logits = self.penalize(logits, history)
         o = self.o
-        if o.temperature <= 0.0:
+        if o.temperature < 1e-4:  # below this the scaled logits overflow; the distribution is greedy anyway
             return int(np.argmax(logits))
         vocab = logits.shape[0]
         k = o.top_k if 0 < o.top_k < vocab else vocab

@@ -92,6 +92,7 @@ class MqttConfig:
     reply_topics: list[str] = live(factory=lambda: ["+/reply", "+/+/reply", "+/+/+/reply", "reply/#", "replies/#"])
     max_topic_chars: int = live(256)  # longest reply topic accepted
     max_correlation_bytes: int = live(128)  # longest MQTT 5 Correlation Data accepted (it becomes the id)
+    max_packet_bytes: int = 4 << 20  # Maximum Packet Size announced to the broker (larger publishes are dropped there)
     # Also take requests on <prefix>/<node>/request/<device>: the <device> level names the
     # requester, which a broker ACL `pattern write edged/+/request/%u` ties to its login.
     device_topics: bool = True

@@ -502,7 +502,8 @@ class Scheduler:
         self._end(job, error=e)
 
     def _end(self, job: Job, *, text: str = "", stats: dict | None = None, error: Exception | None = None) -> None:
-        job.finish(text, stats, error)
+        # The id and the requester's quota are released before the final frame goes out: a
+        # requester may reuse the id (or send its next request) the moment it has its answer.
         self._forget(job)
         with self._cv:
             self._settle(job, stats["eval_count"] if stats and "eval_count" in stats else job.tokens)
@@ -512,3 +513,4 @@ class Scheduler:
             if self.keep_alive == 0 and self.engine is not None and not self._heap and not self.active:
                 self._unload()
             self._cv.notify_all()
+        job.finish(text, stats, error)

@@ -40,6 +40,7 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged import __version__, protocol
 from edged.errors import DuplicateRequest, EdgedError, MalformedRequest, RequestError, ShuttingDown, Unavailable
@@ -149,8 +150,14 @@ class MqttTransport(Transport):
         cfg = self.cfg
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = cfg.session_expiry
-        # The broker drops larger publishes before they reach us (nothing to buffer or redeliver).
-        props.MaximumPacketSize = self.server.config.max_request_bytes + PACKET_OVERHEAD
+        # The broker drops publishes over this before they reach us: memory stays bounded and a
+        # huge payload cannot crash-loop the daemon through redelivery. Why not the request cap
+        # itself: mosquitto 2.0.11 keeps one of our in-flight slots for every publish it drops
+        # for us, so after max_inflight_messages (20) such drops nothing reaches us until we
+        # reconnect. Between the request cap and this ceiling a request is read and answered
+        # payload_too_large; the broker's own max_packet_size (examples/mosquitto.conf) closes
+        # the rest.
+        props.MaximumPacketSize = max(self.cfg.max_packet_bytes, self.server.config.max_request_bytes + PACKET_OVERHEAD)
         self._replay()
         # connect_async: a broker that is down at start is retried with backoff by the loop thread.
         self.client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=False, properties=props)
@@ -217,7 +224,8 @@ class MqttTransport(Transport):
             if gone:
                 self.client.unsubscribe(gone)
             if added:
-                self.client.subscribe([(f, self.cfg.qos) for f in added])
+                opts = SubscribeOptions(qos=self.cfg.qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+                self.client.subscribe([(f, opts) for f in added])
             self.client.publish(self.info_topic, json.dumps(self.birth()), qos=1, retain=True)
 
     # -- paho callbacks (paho's network thread) ----------------------------------
@@ -229,8 +237,10 @@ class MqttTransport(Transport):
         _nodelay(client)
         self.connected.set()
         log.info("MQTT: connected (session present: %s)", flags.session_present)
-        qos = self.cfg.qos
-        client.subscribe([(t, qos) for t in self.subscriptions()])
+        # Retained messages are not requests: a retained request would run again on every
+        # start and reconnect, so the broker is asked not to send them (and they are dropped).
+        opts = SubscribeOptions(qos=self.cfg.qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        client.subscribe([(t, opts) for t in self.subscriptions()])
         client.publish(self.status_topic, "online", qos=1, retain=True)
         client.publish(self.info_topic, json.dumps(self.birth()), qos=1, retain=True)
 
@@ -260,6 +270,9 @@ class MqttTransport(Transport):
     def _on_message(self, client, userdata, msg):
         if not self.accepting:
             return  # not acknowledged: the broker redelivers it to our next run
+        if msg.retain:
+            client.ack(msg.mid, msg.qos)
+            return
         try:
             route = None if self._is_request_topic(msg.topic) else self.routes.match(msg.topic)
             if route is not None:

@@ -113,7 +113,7 @@ def test_malformed_corpus_gets_error_replies_and_daemon_keeps_serving(start_daem
     assert {"malformed_request", "invalid_request", "unknown_op", "payload_too_large", "model_not_found"} <= codes
     # Past the Maximum Packet Size announced in CONNECT the broker drops the publish: no reply
     # (documented), nothing reaches the daemon, and it keeps serving.
-    dev.request(b'{"prompt": "' + b"v" * 2_000_000 + b'"}', corr=b"huge")
+    dev.request(b'{"prompt": "' + b"v" * 5_000_000 + b'"}', corr=b"huge")
     dev.request(GEN, corr=b"good")
     finals = dev.wait_finals(len(MALFORMED_MQTT) + 1)
     assert "response" in dict((c, f) for c, f in finals)[b"good"]
