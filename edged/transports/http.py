@@ -36,8 +36,8 @@ loop (no second server process or thread, unlike uvicorn), with a C HTTP parser,
 a low-level server that leaves routing to us, cancellation of a handler whose
 client went away, and wheels for aarch64. It adds about 12 MB RSS (most of it
 the package's import) and 3.2 MB of aarch64 wheels (docs/protocol.md has the
-measurements); it is imported only when this transport starts, because the
-transport registry imports every transport module.
+measurements); it is imported only when this transport starts, so a daemon with
+HTTP off does not carry it.
 """
 
 from __future__ import annotations
