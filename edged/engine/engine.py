@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 from edged.engine.constrain import Constraints, Grammar, GrammarFailed, request_schema
 from edged.engine.detok import IncrementalDecoder
+from edged.engine.lookup import Speculator
 from edged.engine.request import GenerateRequest, Options
 from edged.engine.runner import EngineConfig, GraphInfo, Runner, release_free_memory
 from edged.engine.sampling import Sampler
@@ -87,6 +88,9 @@ class Engine:
         self.context_length = int(m["context_length"])
         self.defaults = Options.from_dict(m.get("generation_defaults") or {})
         self.runner = Runner(str(model.file("model")), self.info, config)
+        # New requests decoding alone use prompt-lookup speculative decoding (engine/lookup.py);
+        # graphs from converters before num_logits cannot, and decode plainly.
+        self.speculative = config.lookup and self.runner.multi_logits
         release_free_memory()
         self.load_duration = load_ns + (time.perf_counter_ns() - t0)
         self._unreported_load = self.load_duration
@@ -184,9 +188,34 @@ class Decoder:
         self.n = 0
         self.reason: str | None = None
         self._stop_string = False
+        # Speculative decoding (engine/lookup.py): drafts from the history, verified by advance().
+        self.lookup = Speculator(self.history) if getattr(engine, "speculative", False) else None
+        self.drafted = 0  # draft tokens verified
+        self.accepted = 0  # of them, tokens the sampler chose too
+        self._round = 0  # self.accepted when the last draft was made
 
-    def advance(self, logits) -> tuple[str, int | None]:
-        """Consume next-token logits: return (text to emit, token to feed next or None when done)."""
+    def draft(self) -> list[int]:
+        """Tokens to verify in the next step after the token advance() returned ([]: a
+        plain step). The caller runs that token and the draft in one pass and calls
+        advance() on the rows in order, passing each row's draft token as `expect`,
+        until the token advance() returns is not the expected one."""
+        if self.lookup is None:
+            return []
+        self.lookup.outcome(self.accepted - self._round)
+        # the pass also returns the token after the draft: room for one more
+        draft = self.lookup.draft(self.p.max_new - self.n - 1)
+        self.drafted += len(draft)
+        self._round = self.accepted
+        return draft
+
+    def advance(self, logits, expect: int | None = None) -> tuple[str, int | None]:
+        """Consume next-token logits: return (text to emit, token to feed next or None when done).
+
+        `expect`: the draft token at this position, when these logits come from a verify
+        pass. The token is chosen exactly as without a draft (same processing of the
+        logits, same draw from the request's generator) and the draft token counts as
+        accepted when it is that token; see engine/lookup.py for why this keeps the
+        sampling distribution."""
         if self.cancel.is_set():
             return self._finish("cancel"), None
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -201,6 +230,8 @@ class Decoder:
             log.warning("constrained decoding stopped: %s", e)
             return self._finish("error"), None
         self.n += 1
+        if expect is not None and tok == expect:
+            self.accepted += 1
         if tok in self.eos:
             return self._finish("stop"), None
         self.history.append(tok)
@@ -231,6 +262,8 @@ class Decoder:
             "eval_duration": eval_ns,
             "load_duration": load_ns,
             "total_duration": total_ns,
+            "draft_tokens": self.drafted,  # speculative decoding (not in Ollama's API)
+            "accepted_tokens": self.accepted,
         }
         if self.p.truncated:
             s["truncated_tokens"] = self.p.truncated
@@ -260,14 +293,29 @@ class Generation:
             t0 = time.perf_counter_ns()
             logits = seq.forward(p.tokens)
             t1 = time.perf_counter_ns()
+            delta, tok = dec.advance(logits)
             while True:
-                delta, tok = dec.advance(logits)
                 if delta:
                     self.text += delta
                     yield delta
                 if tok is None:
                     break
-                logits = seq.forward([tok])
+                draft = dec.draft()
+                if not draft:
+                    delta, tok = dec.advance(seq.forward([tok]))
+                    continue
+                # speculative step: the token and its draft in one pass, a row per position
+                rows = seq.verify([tok, *draft])
+                for i, d in enumerate(draft):
+                    delta, tok = dec.advance(rows[i], d)
+                    if tok != d:  # rejected here (or done): the later positions are dropped
+                        seq.truncate(seq.length - (len(draft) - i))
+                        break
+                    if delta:
+                        self.text += delta
+                        yield delta
+                else:
+                    delta, tok = dec.advance(rows[-1])
             t2 = time.perf_counter_ns()
         self.done_reason = dec.reason
         self.stats = dec.stats(

@@ -59,6 +59,9 @@ class EngineConfig:
     # ~19 MiB for ~5 % more prefill time (SmolLM2, 2 threads; docs/engine.md).
     prefill_chunk: int = 64
     verify: str = "fast"  # fast (size+mtime cache, then sha256 on change) | full | none
+    # Prompt-lookup speculative decoding (engine/lookup.py) for a request decoding alone;
+    # needs a graph with the num_logits input (converter version 4 or later).
+    lookup: bool = True
 
     def __post_init__(self):
         if self.graph_optimization not in _OPT_LEVELS:
@@ -202,6 +205,10 @@ class Runner:
         self.embedding = embedding
         if embedding is None and "inputs_embeds" in {i.name for i in self.session.get_inputs()}:
             self.embedding = EmbeddingTable(os.path.join(os.path.dirname(os.path.abspath(model_path)), EMBEDDING_FILE))
+        # Whether a run can return the logits of its last n positions (builder's num_logits,
+        # an overridable initializer, so it is not among get_inputs()). Older graphs return
+        # the last position only: no speculative decoding for them.
+        self.multi_logits = "num_logits" in {i.name for i in self.session.get_overridable_initializers()}
 
     def bind_tokens(self, io: ort.IOBinding, ids: np.ndarray) -> None:
         """Bind token ids [batch, seq] as the graph's first input."""
@@ -216,6 +223,32 @@ class Runner:
     def sequence(self, capacity: int, max_capacity: int | None = None) -> "Sequence":
         self.refresh()
         return Sequence(self, capacity, max_capacity)
+
+
+class LogitRows:
+    """A logits buffer for runs that return the last n positions, n <= rows, and the
+    bindings that select n: `num_logits` and the output bound to the first n rows.
+    The OrtValues are made once and kept here (the bindings only refer to them)."""
+
+    def __init__(self, vocab: int, rows: int):
+        self.buf = np.zeros((1, rows, vocab), np.float32)
+        self._counts = [ort.OrtValue.ortvalue_from_numpy(np.array([n], np.int64)) for n in range(rows + 1)]
+        self._views = [None] + [ort.OrtValue.ortvalue_from_numpy(self.buf[:, :n]) for n in range(1, rows + 1)]
+
+    @property
+    def rows(self) -> int:
+        return self.buf.shape[1]
+
+    def bind(self, io: ort.IOBinding, n: int) -> np.ndarray:
+        """Make the next run of `io` write its last n positions' logits here; returns them [n, vocab]."""
+        io.bind_ortvalue_input("num_logits", self._counts[n])
+        io.bind_ortvalue_output("logits", self._views[n])
+        return self.buf[0, :n]
+
+    def unbind(self, io: ort.IOBinding, logits: ort.OrtValue) -> None:
+        """Back to one position, written to `logits` (the binding's usual buffer)."""
+        io.bind_ortvalue_input("num_logits", self._counts[1])
+        io.bind_ortvalue_output("logits", logits)
 
 
 class Sequence:
@@ -234,7 +267,9 @@ class Sequence:
         self.length = 0
         self.io = runner.session.io_binding()
         self.logits = np.zeros((1, 1, runner.info.vocab_size), np.float32)
-        self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self.io.bind_ortvalue_output("logits", self._logits_value)
+        self._rows: LogitRows | None = None  # for verify(), made on first use
         self._kv: list[np.ndarray] = []
         self._ones = np.ones((1, self.max_capacity), np.int64)  # attention masks are views of it
         self._allocate(capacity)
@@ -253,14 +288,16 @@ class Sequence:
                 self.io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
         self.capacity = capacity
 
-    def forward(self, tokens: list[int]) -> np.ndarray:
-        """Feed tokens (a prompt or one new token); return next-token logits [vocab].
-        A long prompt runs in chunks of config.prefill_chunk tokens."""
-        total = self.length + len(tokens)
+    def _room(self, total: int) -> None:
         if total > self.capacity:
             if total > self.max_capacity:
                 raise ValueError(f"sequence capacity {self.max_capacity} exceeded ({total})")
             self._allocate(min(max(total, 2 * self.capacity), self.max_capacity))
+
+    def forward(self, tokens: list[int]) -> np.ndarray:
+        """Feed tokens (a prompt or one new token); return next-token logits [vocab].
+        A long prompt runs in chunks of config.prefill_chunk tokens."""
+        self._room(self.length + len(tokens))
         chunk = self.runner.config.prefill_chunk
         for start in range(0, len(tokens), chunk):
             part = tokens[start : start + chunk]
@@ -270,3 +307,27 @@ class Sequence:
             self.runner.session.run_with_iobinding(self.io)
             self.length = end
         return self.logits[0, -1]
+
+    def verify(self, tokens: list[int]) -> np.ndarray:
+        """Feed a few tokens in one run (a token and a draft after it) and return the
+        next-token logits after each of them, [len(tokens), vocab] (a view, valid until
+        the next call). Needs runner.multi_logits. The caller keeps what it accepts and
+        hands the rest back with truncate()."""
+        n = len(tokens)
+        self._room(self.length + n)
+        if self._rows is None or self._rows.rows < n:
+            self._rows = LogitRows(self.runner.info.vocab_size, max(n, 8))
+        out = self._rows.bind(self.io, n)
+        self.runner.bind_tokens(self.io, np.asarray([tokens], dtype=np.int64))
+        self.io.bind_cpu_input("attention_mask", self._ones[:, : self.length + n])
+        try:
+            self.runner.session.run_with_iobinding(self.io)
+        finally:
+            self._rows.unbind(self.io, self._logits_value)
+        self.length += n
+        return out
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (rejected draft tokens): the next run
+        writes over them, and the attention mask no longer covers them."""
+        self.length = min(self.length, length)

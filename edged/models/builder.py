@@ -11,7 +11,8 @@ Graph contract (the engine relies on it, see engine/runner.py):
   inputs   input_ids int64 [batch, seq]
            attention_mask int64 [batch, total]       (total = past + seq)
            past_key_values.{i}.key/value f32 [batch, kv_heads, buf, head_dim]
-  outputs  logits f32 [batch, 1, vocab]              (last position only)
+           num_logits int64 [1]                      (optional, default 1)
+  outputs  logits f32 [batch, num_logits, vocab]     (the last num_logits positions)
            present.{i}.key/value                      (may alias the past buffer)
 Past and present may be the same buffer of fixed length ("shared KV"), which
 GroupQueryAttention updates in place: no per-token reallocation.
@@ -153,7 +154,10 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray]):
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, spec.vocab_size])]
+    # num_logits has an initializer of the same name: a default the caller may override
+    # (onnxruntime's overridable initializer), so a plain run needs no extra input.
+    inputs.append(helper.make_tensor_value_info("num_logits", TensorProto.INT64, [1]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_sequence", spec.vocab_size])]
     for i in range(L):
         for kind in ("key", "value"):
             inputs.append(
@@ -237,9 +241,13 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray]):
         pending = linear(p + "mlp.act", p + "mlp.down_proj", w[p + "mlp.down_proj.weight"])
 
     h = norm("model.norm.weight", w["model.norm.weight"])
-    # Logits for the last position only: the engine never needs the others, and
-    # the vocabulary projection of a whole prompt would dominate prefill.
-    node("Gather", [h, init("const.last", np.array([-1], dtype=np.int64))], ["final.last"], axis=1)
+    # Logits for the last num_logits positions only (1 unless the caller asks for more):
+    # the vocabulary projection of a whole prompt would dominate prefill, and a decode
+    # step needs one row. Speculative decoding (engine/lookup.py) verifies k drafted
+    # tokens in one run and asks for their k + 1 rows.
+    node("Neg", [init("num_logits", np.array([1], dtype=np.int64))], ["logits.start"])
+    node("Slice", [h, "logits.start", init("const.end", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
+                   "const.axis1"], ["final.last"])
     lm = w.get("lm_head.weight")
     if lm is None or spec.tie_word_embeddings:
         lm = embed

@@ -32,7 +32,7 @@ Progress = Callable[[str], None]
 
 # Bump when the graph or the quantization changes: `edged pull` re-prepares models
 # made by an older converter instead of calling them up to date.
-CONVERTER_VERSION = 3  # 3: embedding table out of the graph, LM head in column blocks
+CONVERTER_VERSION = 4  # 3: embedding table out of the graph, LM head in column blocks; 4: num_logits input
 
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>")
 
