@@ -1,6 +1,11 @@
 """The 4-bit comparison: edged int4-block32 against edged int8 and llama.cpp on the
-shipped Q4_1 file (and a Q4_0 requantized from it). Pure functions over the runs,
-called from bench.report.
+shipped Q4_1 file (and a Q4_0 requantized from it).
+
+`make bench` runs these engines with the others. `python -m bench.int4` runs only
+edged int8, edged int4 and the two llama.cpp Q4 files (alternating rounds, as the full
+bench) and stores them under "int4_run" in the results file, whose other figures stay
+as they were; the int4 ratios come from the full run's engines when it has them, else
+from "int4_run". The functions below are pure and called from bench.report.
 
 Goals (docs/benchmarks.md): decode >= 1.4x edged int8 and >= 1.1x llama.cpp Q4_1;
 peak RSS (model loaded, single requests done) <= llama.cpp Q4_1's.
@@ -8,12 +13,39 @@ peak RSS (model loaded, single requests done) <= llama.cpp Q4_1's.
 
 from __future__ import annotations
 
-from bench.report import fmt, median, paired_ratio
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+from bench.report import LABELS, fmt, median, paired_ratio, summarize
 
 GOALS = {"int4_decode_ratio_vs_int8": (">=", 1.4), "int4_decode_ratio_vs_llamacpp_q4_1": (">=", 1.1),
          "int4_rss_ratio_vs_llamacpp_q4_1": ("<=", 1.0)}
 HEADLINE = tuple(GOALS)
 ENGINE = "edged_int4"
+
+
+def source_runs(results: dict) -> tuple[dict, dict, str]:
+    """(runs, prompt token counts, where) of the run the int4 figures come from."""
+    runs = results.get("runs") or {}
+    if any("error" not in r for r in runs.get(ENGINE, [])):
+        return runs, results.get("config", {}).get("prompt_tokens", {}), "make bench"
+    apart = results.get("int4_run") or {}
+    return apart.get("runs") or {}, apart.get("config", {}).get("prompt_tokens", {}), "python -m bench.int4"
+
+
+def derive(results: dict) -> None:
+    """int4_ratios, the headline int4 keys and (for a run apart) its summary, in place."""
+    runs, pt, where = source_runs(results)
+    results["int4_ratios"] = int4_ratios(runs, list(pt) or ["short", "long"], pt)
+    if results["int4_ratios"]:
+        results["int4_ratios"]["measured_by"] = where
+    if where != "make bench" and "int4_run" in results:
+        results["int4_run"]["summary"] = summarize(runs)
+    for k in HEADLINE:
+        results[k] = results["int4_ratios"].get(k)
 
 
 def int4_ratios(runs: dict, prompt_names, token_counts: dict) -> dict:
@@ -50,14 +82,19 @@ def markdown(results: dict) -> list[str]:
     r = results.get("int4_ratios") or {}
     if not r:
         return []
-    s = results.get("summary", {})
-    pt = results.get("config", {}).get("prompt_tokens", {})
+    apart = r.get("measured_by") != "make bench"
+    src = results.get("int4_run", {}) if apart else results
+    s = src.get("summary", {})
+    pt = src.get("config", {}).get("prompt_tokens", {})
     names = [n for n in ("short", "long") if n in pt]
     lines = ["", "## 4-bit: edged int4-block32 vs edged int8 and llama.cpp Q4_1 / Q4_0", "",
              "edged int4 is `edged pull smollm2-135m --scheme int4-block32`: the Q4_1 file's own blocks in "
              "MatMulNBits (4-bit layers, the Q8_0 LM head at 8 bits), gated against fp32 like int8 "
              "([models.md](models.md)). llama.cpp runs the shipped Q4_1 file itself and a Q4_0 that llama.cpp "
-             "requantized from it. Ratios are edged int4 ÷ the other engine, median of same-round pairs.", "",
+             "requantized from it. Ratios are edged int4 ÷ the other engine, median of same-round pairs"
+             + (f"; measured apart by `python -m bench.int4` on {src.get('date', '?')}, {src.get('config', {}).get('rounds')} "
+                "alternating rounds of edged int8, edged int4, llama.cpp Q4_1 and Q4_0 (the table above is "
+                "another run)." if apart else "."), "",
              "| ratio | vs edged int8 | vs llama.cpp Q4_1 | vs llama.cpp Q4_0 | goal |", "|---|---|---|---|---|"]
     for n in names:
         k = str(pt.get(n, n))
@@ -79,8 +116,53 @@ def markdown(results: dict) -> list[str]:
     lines += ["", "Goals: " + ", ".join(f"`{k}` {fmt(results.get(k), 2)}: "
                                          f"{'met' if v else 'missed' if v is not None else 'not measured'}"
                                          for k, v in met.items()) + "."]
+    if apart and s:
+        lines += ["", "| engine (this run) | " + " | ".join(f"decode after {pt.get(n)} (tok/s)" for n in names)
+                  + " | peak RSS, single requests (MB) |", "|---" * (2 + len(names)) + "|"]
+        for e in ("edged", ENGINE, "llamacpp_q4_1", "llamacpp_q4_0"):
+            if e in s:
+                lines.append(f"| {LABELS.get(e, e)} | " + " | ".join(
+                    fmt(s[e]["prompts"].get(n, {}).get("decode_tps"), 1) for n in names)
+                    + f" | {fmt(s[e].get('peak_rss_single_mb'), 0)} |")
     wb = [(e, (s.get(e) or {}).get("weight_bytes_per_token")) for e in ("edged", ENGINE, "llamacpp_q4_1", "llamacpp_q4_0")]
     if all(b for _, b in wb):
         lines += ["", "Weight bytes read per decoded token: " + ", ".join(
             f"{e} {b / 1e6:.0f} MB" for e, b in wb) + "."]
     return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench import cache_dir
+    from bench.harness import N_GEN, run_rounds, set_up, write_outputs
+    from bench.report import derive as derive_all
+
+    p = argparse.ArgumentParser(prog="python -m bench.int4", description="edged int8 and int4 beside llama.cpp "
+                                "Q4_1 and Q4_0 only, stored under int4_run in the results file (run from the "
+                                "repository root)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n-gen", type=int, default=N_GEN)
+    p.add_argument("--out", default="bench/results.json")
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args(argv)
+    plan = set_up(args.model, threads=args.threads, rounds=args.rounds, n_gen=args.n_gen,
+                  anchor_names=(ENGINE, "llamacpp_q4_1", "llamacpp_q4_0"))
+    runs = run_rounds(plan)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {"runs": {}, "config": {}}
+    results["int4_run"] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": {"threads": plan.threads, "rounds": plan.rounds, "n_gen": plan.n_gen,
+                   "prompt_tokens": {q["name"]: len(q["ids"]) for q in plan.prompts}, "order": list(plan.commands)},
+        "machine": plan.machine, "missing": plan.missing, "runs": runs,
+    }
+    derive_all(results)
+    write_outputs(results, out, None if args.no_docs else Path("docs"), cache_dir())
+    print(json.dumps({k: results.get(k) for k in HEADLINE}))
+    print(json.dumps({k: v for k, v in results["int4_ratios"].items() if not isinstance(v, dict)}, indent=1))
+    return 0 if results["int4_ratios"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

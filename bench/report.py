@@ -298,9 +298,7 @@ def derive(results: dict) -> dict:
         results[k] = results["ratios"].get(k)
     from bench import int4  # imports this module: loaded late
 
-    results["int4_ratios"] = int4.int4_ratios(runs, list(pt) or ["short", "long"], pt)
-    for k in int4.HEADLINE:
-        results[k] = results["int4_ratios"].get(k)
+    int4.derive(results)
     sd = schema_decode(runs.get("edged", []))
     if sd["pairs"] or "schema_decode" not in results:  # runs older than the figure keep the one measured apart
         results["schema_decode"] = sd

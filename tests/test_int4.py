@@ -242,3 +242,23 @@ def test_pull_keeps_a_model_only_in_the_asked_scheme():
     assert is_current(man, "x", "x86", "int4-block32")
     assert not is_current(man, "x", "x86")  # a plain pull wants the default int8 again
     assert not is_current({**man, "quantization": {"scheme": "int8-block32"}}, "x", "x86", "int4-block32")
+
+
+def test_bench_int4_ratios_pair_rounds_and_fall_back_to_the_run_apart():
+    from bench import int4
+
+    def run(tps, rss):
+        return {"prompts": {"short": {"decode_tps": tps, "ttft_s": 1.0}, "long": {"decode_tps": tps / 2, "ttft_s": 2.0}},
+                "peak_rss_single_bytes": rss, "peak_rss_bytes": rss}
+
+    runs = {"edged": [run(100, 300e6), run(50, 300e6)], "edged_int4": [run(140, 250e6), run(70, 250e6)],
+            "llamacpp_q4_1": [run(200, 200e6), run(35, 200e6)]}
+    results = {"runs": {}, "config": {}, "int4_run": {"config": {"prompt_tokens": {"short": 40, "long": 400}},
+                                                      "runs": runs, "date": "d"}}
+    int4.derive(results)
+    assert results["int4_decode_ratio_vs_int8"] == pytest.approx(1.4)
+    assert results["int4_decode_ratio_vs_llamacpp_q4_1"] == pytest.approx((0.7 + 2.0) / 2)  # same-round pairs
+    assert results["int4_rss_ratio_vs_llamacpp_q4_1"] == pytest.approx(1.25)
+    assert results["int4_ratios"]["measured_by"] == "python -m bench.int4"
+    text = "\n".join(int4.markdown(results))
+    assert "int4_rss_ratio_vs_llamacpp_q4_1` 1.25: missed" in text and "int4_decode_ratio_vs_int8` 1.40: met" in text
