@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import importlib
 
+
 class Transport:
-    name = ""  # as shown in status
-    section = ""  # its config section, which has `enabled`
+    name = ""  # as shown in status, and the name of its config section (which has `enabled`)
 
     def __init__(self, server):
         self.server = server
 
     @classmethod
     def enabled(cls, config) -> bool:
-        return getattr(config, cls.section).enabled
+        return getattr(config, cls.name).enabled
 
     @property
     def cfg(self):
-        return getattr(self.server.config, self.section)
+        return getattr(self.server.config, self.name)
 
     def reconfigure(self) -> None:
         """SIGHUP: the live keys of its section are read on use unless a transport says otherwise."""

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import grp
 import hashlib
 import hmac
 import ipaddress
@@ -53,7 +52,6 @@ import json
 import logging
 import math
 import os
-import pwd
 import secrets
 import socket
 import stat
@@ -78,7 +76,7 @@ from edged.errors import (
     Unavailable,
 )
 from edged.transports import Transport
-from edged.transports.unix import _prepare_directory, _remove_if_stale, _resolve, peer_credentials, peer_groups
+from edged.transports.unix import bind_socket, peer_credentials, peer_groups
 
 log = logging.getLogger("edged.http")
 
@@ -182,7 +180,6 @@ def _is_loopback_host(host: str) -> bool:
 
 class HttpTransport(Transport):
     name = "http"
-    section = "http"
 
     def __init__(self, server):
         super().__init__(server)
@@ -301,26 +298,7 @@ class HttpTransport(Transport):
     def _bind_unix(self) -> socket.socket:
         sc = self.server.config.socket
         path = Path(self.cfg.unix_path or Path(sc.path).parent / "http.sock")
-        _prepare_directory(path.parent)
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise EdgedError(f"{path} exists and is not a socket; refusing to replace it")
-            _remove_if_stale(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o777 ^ sc.mode)
-        try:
-            sock.bind(str(path))
-        except OSError as e:
-            sock.close()
-            raise EdgedError(f"cannot create the HTTP socket {path}: {e.strerror}") from None
-        finally:
-            os.umask(old)
-        os.chmod(path, sc.mode)
-        uid = _resolve(sc.owner, pwd.getpwnam, "pw_uid")
-        gid = _resolve(sc.group, grp.getgrnam, "gr_gid")
-        if uid != -1 or gid != -1:
-            os.chown(path, uid, gid)
-        sock.setblocking(False)
+        sock = bind_socket(path, sc, what="the HTTP socket")
         self.unix_path = str(path)
         return sock
 

@@ -59,7 +59,6 @@ log = logging.getLogger("edged.mqtt")
 
 class MqttTransport(Transport):
     name = "mqtt"
-    section = "mqtt"
 
     def __init__(self, server):
         super().__init__(server)

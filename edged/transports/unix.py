@@ -67,9 +67,35 @@ def inherited_socket() -> socket.socket | None:
     return sock
 
 
+def bind_socket(path: Path, sc, *, what: str) -> socket.socket:
+    """A non-blocking AF_UNIX socket bound at `path` with the socket section's mode, owner
+    and group (`sc`), in a directory nobody else controls; a live socket there is never
+    replaced, a stale one (ECONNREFUSED) is."""
+    _prepare_directory(path.parent)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise EdgedError(f"{path} exists and is not a socket; refusing to replace it")
+        _remove_if_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 ^ sc.mode)  # no window where the socket is wider than asked
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise EdgedError(f"cannot create {what} {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, sc.mode)
+    uid = _resolve(sc.owner, pwd.getpwnam, "pw_uid")
+    gid = _resolve(sc.group, grp.getgrnam, "gr_gid")
+    if uid != -1 or gid != -1:
+        os.chown(path, uid, gid)
+    sock.setblocking(False)
+    return sock
+
+
 class UnixTransport(Transport):
     name = "socket"
-    section = "socket"
 
     def __init__(self, server):
         super().__init__(server)
@@ -114,30 +140,10 @@ class UnixTransport(Transport):
         self._sweeper = asyncio.create_task(self._sweep())
 
     def _bind(self) -> socket.socket:
-        path = Path(self.cfg.path)
-        _prepare_directory(path.parent)
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise EdgedError(f"{path} exists and is not a socket; refusing to replace it")
-            _remove_if_stale(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o777 ^ self.cfg.mode)  # no window where the socket is wider than asked
-        try:
-            sock.bind(str(path))
-        except OSError as e:
-            sock.close()
-            raise EdgedError(f"cannot create the socket {path}: {e.strerror}") from None
-        finally:
-            os.umask(old)
-        os.chmod(path, self.cfg.mode)
-        uid = _resolve(self.cfg.owner, pwd.getpwnam, "pw_uid")
-        gid = _resolve(self.cfg.group, grp.getgrnam, "gr_gid")
-        if uid != -1 or gid != -1:
-            os.chown(path, uid, gid)
+        sock = bind_socket(Path(self.cfg.path), self.cfg, what="the socket")
         sock.listen(512)
-        sock.setblocking(False)
-        self.path = str(path)
-        log.info("listening on %s (mode %o)", path, self.cfg.mode)
+        self.path = str(self.cfg.path)
+        log.info("listening on %s (mode %o)", self.path, self.cfg.mode)
         return sock
 
     async def stop_accepting(self) -> None:
