@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import DRIVERS, ROOT, anchors, cache_dir, log
+from bench import prefix as prefix_bench
 from bench.report import derive, markdown_report
 
 # Alternating rounds per run. Why 7: on a shared 2-core machine single rounds vary by
@@ -237,6 +238,11 @@ def set_up(model: str, *, threads: int = 2, rounds: int = DEFAULT_ROUNDS, anchor
     prompts = build_prompts(lambda t: tok.encode(t, add_special_tokens=False).ids, short_tokens, long_tokens)
     spec = {"threads": threads, "n_gen": n_gen, "prompts": prompts, "concurrency": [1, 4],
             "conc_n_gen": conc_n_gen, "warmup": True}
+    # prefix-cache TTFT (bench/prefix.py): a ~300-token shared system prompt, shorter when
+    # the model's context could not hold the request
+    ctx = int(store.get(model).manifest.get("context_length") or 2048)
+    spec["prefix"] = prefix_bench.build(lambda t: tok.encode(t, add_special_tokens=False).ids,
+                                        min(prefix_bench.TARGET, ctx // 2 - 40))
     missing: list[str] = []
     machine = machine_info()
     commands = {"edged": ([sys.executable, str(DRIVERS / "driver_edged.py")],

@@ -254,6 +254,9 @@ def markdown_report(results: dict) -> str:
     from bench import int4  # imports this module: loaded late
 
     lines += int4.markdown(results)
+    from bench import prefix  # imports this module: loaded late
+
+    lines += prefix.markdown(results)
     if results.get("missing"):
         lines += ["", "Not measured in this run:", ""] + [f"- {x}" for x in results["missing"]]
     lines += ["", "Concurrency: edged decodes concurrent requests together (continuous batching, the daemon's "
@@ -303,6 +306,9 @@ def derive(results: dict) -> dict:
     if sd["pairs"] or "schema_decode" not in results:  # runs older than the figure keep the one measured apart
         results["schema_decode"] = sd
     results["schema_decode_ratio"] = results["schema_decode"].get("ratio")
+    from bench import prefix  # imports this module: loaded late
+
+    prefix.derive(results)
     results["cold_start_s"] = {e: s.get("cold_start_s") for e, s in summary.items()}
     return results
 

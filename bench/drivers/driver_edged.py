@@ -9,12 +9,14 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _prefix  # noqa: E402
 from _driver_common import (emit, load_spec, measure_stream, onnx_matmul_weight_bytes,  # noqa: E402
                             peak_rss_bytes, rss_now_bytes)
 
 spec = load_spec()
 
 from edged.engine.batch import BatchDecoder  # noqa: E402
+from edged.engine.prefix import PrefixCache  # noqa: E402
 from edged.engine.request import GenerateRequest  # noqa: E402
 from edged.engine.runner import EngineConfig  # noqa: E402
 from edged.models.loading import load_engine  # noqa: E402
@@ -99,8 +101,29 @@ for i in range(spec.get("schema_pairs", 3)):
         pair["on" if fmt else "off"] = {"decode_tps": r["decode_tps"], "gen_tokens": r["gen_tokens"]}
     schema_pairs.append(pair)
 
+prefix = None
+if _prefix.wanted(spec, spec.get("engine", "edged")):
+    # The daemon's way: a 4-slot BatchDecoder with a prefix cache of the default size
+    # (prefix_cache.size_mb), or with none. TTFT = request -> its first token sampled.
+    def make(cached):
+        batch = BatchDecoder(engine, slots=4, prefix=PrefixCache(size_mb=32) if cached else None)
+
+        def run(prompt, n):
+            stats: dict = {}
+            t0 = time.perf_counter()
+            prepared = engine.prepare(request(prompt["text"], n))
+            batch.add(prepared, on_delta=lambda d: None, on_done=stats.update)  # returns after the first token
+            ttft = time.perf_counter() - t0
+            while batch.active:
+                batch.step()
+            return ttft, {"ids_match": list(prepared.tokens) == list(prompt["ids"]),
+                          **{k: stats.get(k) for k in ("prompt_eval_count", "prompt_cache_tokens")}}
+        return run
+
+    prefix = _prefix.measure(make, spec)
+
 d = engine.describe()
-emit({"event": "result", "engine": "edged", "prompts": results, "concurrency": conc, "schema": schema_pairs,
+emit({"event": "result", "engine": "edged", "prefix": prefix, "prompts": results, "concurrency": conc, "schema": schema_pairs,
       "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_all,
       "load_duration_s": engine.load_duration / 1e9, "describe": d,
       "weight_bytes": sum(f["size"] for name, f in engine.model.manifest["files"].items() if ".onnx" in name),

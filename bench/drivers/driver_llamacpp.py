@@ -41,12 +41,14 @@ def version() -> dict:
 
 
 def main() -> None:
+    import _prefix
     from _driver_common import concurrency, emit, load_spec, measure_prompts, peak_rss_bytes, rss_now_bytes
 
     spec = load_spec()
     import llama_cpp
 
-    longest = max(len(p["ids"]) for p in spec["prompts"])
+    longest = max([len(p["ids"]) for p in spec["prompts"]]
+                  + [len(q["ids"]) for k, q in (spec.get("prefix") or {}).items() if k in ("a", "b", "x")])
     n_ctx = longest + max(spec["n_gen"], spec.get("conc_n_gen", 0)) + 16
     llm = llama_cpp.Llama(model_path=spec["model"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
                           n_ctx=n_ctx, n_batch=512, n_gpu_layers=0, verbose=False)
@@ -72,11 +74,42 @@ def main() -> None:
         def one():
             return sum(1 for _ in stream(spec["prompts"][0]["ids"], spec["conc_n_gen"])())
         conc.append(concurrency(one, c, lock=lock))
-    emit({"event": "result", "engine": "llamacpp", "prompts": results, "concurrency": conc,
-          "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_rss_bytes(),
+    peak_all = peak_rss_bytes()  # before the prefix runs, whose RAM cache holds saved states
+    prefix = None
+    if _prefix.wanted(spec, spec.get("engine", "llamacpp")):
+        prefix = _prefix.measure(prefix_runner(llm), spec)
+    emit({"event": "result", "engine": "llamacpp", "prefix": prefix,
+          "prompts": results, "concurrency": conc,
+          "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_all,
           # tied embeddings: token_embd is also the output matrix, so the whole file is read per token
           "weight_bytes": os.path.getsize(spec["model"]), "weight_bytes_per_token": os.path.getsize(spec["model"]),
           **version()})
+
+
+def prefix_runner(llm):
+    """For _prefix.measure: llama.cpp with its own prompt cache (LlamaRAMCache, set with
+    llm.set_cache) or without any. create_completion is the API that uses the cache:
+    it continues from the prefix the context already holds, or restores the cached
+    state with the longest common prefix when that is longer, and saves the state
+    after each completion. TTFT = call -> first streamed chunk."""
+    import time
+
+    import llama_cpp
+
+    def make(cached):
+        llm.reset()
+        llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=256 << 20) if cached else None)
+
+        def run(prompt, n):
+            t0 = time.perf_counter()
+            ttft = None
+            for _chunk in llm.create_completion(prompt["ids"], max_tokens=n, temperature=0.0, top_k=1, top_p=1.0,
+                                                min_p=0.0, repeat_penalty=1.0, stream=True):
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+            return ttft, {}
+        return run
+    return make
 
 
 if __name__ == "__main__":

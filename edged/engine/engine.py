@@ -186,6 +186,7 @@ class Decoder:
         self.history = list(prepared.tokens)
         self.tokens: list[int] = []
         self.n = 0
+        self.cached = 0  # leading prompt tokens whose KV came from the prefix cache (not evaluated)
         self.reason: str | None = None
         self._stop_string = False
         # Speculative decoding (engine/lookup.py): drafts from the history, verified by advance().
@@ -256,7 +257,8 @@ class Decoder:
     def stats(self, *, prompt_ns: int, eval_ns: int, load_ns: int, total_ns: int) -> dict:
         s = {
             "done_reason": self.reason,
-            "prompt_eval_count": len(self.p.tokens),
+            "prompt_eval_count": len(self.p.tokens) - self.cached,  # as Ollama: the tokens evaluated
+            "prompt_cache_tokens": self.cached,
             "prompt_eval_duration": prompt_ns,
             "eval_count": self.n,
             "eval_duration": eval_ns,

@@ -5,7 +5,8 @@
 
 Uses only public parts of the server: its lifecycle callback lists,
 `server.governor` (status provider), and the scheduler's hooks (admission,
-token, before a model load, when an engine is installed) and `unload_if_idle()`.
+token, before a model load, when an engine is installed), `unload_if_idle()` and
+`trim_prefix_cache()`.
 """
 
 from __future__ import annotations
@@ -116,10 +117,24 @@ class Ops:
         gov = self.governor
         if change.kind == "thermal" and self.runner is not None:
             self.runner.set_threads(gov.threads)
+        if change.kind == "memory":
+            self._trim_prefix_cache(change.new)
         if change.kind == "memory" and gov.should_unload():
             self._unload_if_idle()
         self.notifier.status(self.status_text())
         self._publish(change)
+
+    # Share of prefix_cache.size_mb kept per memory state: reused prompts are only a
+    # speed-up, so they are the first memory given back.
+    PREFIX_KEEP = {"ok": 1.0, "tight": 0.5, "critical": 0.0}
+
+    def _trim_prefix_cache(self, state: str) -> None:
+        sched = self.server.scheduler
+        if sched is not None:
+            keep = self.PREFIX_KEEP.get(state, 1.0)
+            sched.trim_prefix_cache(keep)
+            if keep < 1.0:
+                log.info("memory %s: prefix cache limited to %.0f%% of its budget", state, keep * 100)
 
     def _unload_if_idle(self) -> None:
         sched = self.server.scheduler

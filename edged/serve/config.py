@@ -197,6 +197,21 @@ class LimitsConfig:
 
 
 @dataclass(kw_only=True)
+class PrefixCacheConfig:
+    """Prompt prefix cache (engine/prefix.py): requests that start like an earlier one
+    prefill only the rest. `size_mb` bounds the KV kept for reuse (pinned system prompts
+    plus the prompts kept in free batch slots); the governor lowers it under memory
+    pressure. SmolLM2-135M needs 45 KiB per token (a 300-token system prompt: 13 MiB)."""
+
+    size_mb: float = live(32.0)  # 0 = off
+    system_prompts: list[str] = live(factory=list)  # pinned like a route's system prompt
+
+    def __post_init__(self):
+        if self.size_mb < 0:
+            raise ValueError("size_mb must be >= 0 (0 = off)")
+
+
+@dataclass(kw_only=True)
 class Config:
     model: str = "smollm2-135m"
     models_dir: str | None = None  # None = $EDGED_HOME/models
@@ -215,6 +230,7 @@ class Config:
     governor: GovernorConfig = field(default_factory=GovernorConfig)  # thermal/memory governor (edged/ops)
     engine: EngineConfig = field(default_factory=EngineConfig)  # onnxruntime settings (docs/engine.md)
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # per-requester quotas and caps
+    prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)  # prompt prefix reuse
     routes: list[RouteConfig] = live(factory=list)  # MQTT topic -> prompt -> topic (docs/routes.md)
     source: str | None = None  # the file this came from (for SIGHUP reload and messages)
 

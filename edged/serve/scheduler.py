@@ -35,6 +35,12 @@ Hooks, for the governor and systemd (edged/ops/wiring.py):
   worker thread; they may sleep to pace generation;
 - `load_hooks`: `()`, run before a model (re)load, may raise to refuse it;
 - `engine_hooks`: `(engine)`, run when an engine is installed (start or reload).
+
+Prefix cache (engine/prefix.py): the batch keeps the prompts of finished requests
+in free slots, and the system prompts of `prefix_cache.system_prompts` and of
+`pinned()` (the daemon passes its routes') are pinned; `prefix_cache.size_mb` is
+read on every use. `trim_prefix_cache(keep)` (the governor, under memory pressure)
+scales that budget; the worker applies it between steps.
 """
 
 from __future__ import annotations
@@ -48,12 +54,13 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from edged.engine.batch import BatchDecoder
+from edged.engine.prefix import PrefixCache, system_prefix
 from edged.engine.request import GenerateRequest
 from edged.errors import Busy, Cancelled, DeadlineExceeded, DuplicateRequest, EdgedError, ShuttingDown
-from edged.serve.config import LimitsConfig
+from edged.serve.config import LimitsConfig, PrefixCacheConfig
 
 log = logging.getLogger("edged.scheduler")
 
@@ -132,6 +139,8 @@ class Scheduler:
         engine: Any = None,
         batch_size: int = 1,
         limits: LimitsConfig | None = None,
+        prefix_cache: PrefixCacheConfig | None = None,
+        pinned: Callable[[], Iterable[str]] | None = None,
     ):
         self.loader = loader  # () -> Engine; called again after an idle unload
         self.batch_size = batch_size
@@ -141,6 +150,12 @@ class Scheduler:
         # Shared with the daemon's Config, which SIGHUP updates in place.
         self.limits = limits if limits is not None else LimitsConfig()
         self._budgets: dict[str, _Budget] = {}
+        # Shared with the daemon's Config too; pinned() adds system prompts (the routes').
+        self.prefix_config = prefix_cache if prefix_cache is not None else PrefixCacheConfig()
+        self._prefix = PrefixCache(size_mb=lambda: self.prefix_config.size_mb)
+        self._pinned = pinned
+        self._pins_key: tuple | None = None
+        self._trim_pending = False
         self._swept = time.monotonic()
         self._last_start: dict[str, int] = {}  # owner -> when it last had a job started (a counter)
         self._starts = itertools.count()
@@ -265,6 +280,21 @@ class Scheduler:
             self._unload()
             return True
 
+    def trim_prefix_cache(self, keep: float = 0.0) -> None:
+        """Hold at most `keep` (0..1) of prefix_cache.size_mb from now on: 0 drops every
+        kept prompt and pinned copy, 1 restores the configured budget. Thread-safe: the
+        worker applies it between steps (at once when idle)."""
+        with self._cv:
+            self._prefix.keep = max(0.0, min(1.0, float(keep)))
+            self._trim_pending = True
+            self._cv.notify_all()
+
+    def prefix_cache_status(self) -> dict:
+        """Budget and use of the prefix cache (bytes), for status reports."""
+        batch = self._batch
+        kept = batch.kept_bytes if batch is not None else 0
+        return {**self._prefix.describe(), "kept_bytes": kept, "keep": self._prefix.keep}
+
     # -- introspection ---------------------------------------------------------
     @property
     def depth(self) -> int:
@@ -380,10 +410,11 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._heap and not self.active and not self._stopping:
+                while not self._heap and not self.active and not self._stopping and not self._trim_pending:
                     self._idle_wait()
                 if self._stopping and not self.active:
                     return
+                trim, self._trim_pending = self._trim_pending, False
                 admit = []
                 running = collections.Counter(j.owner for j in self.active)
                 while self._heap and not self._stopping and len(self.active) + len(admit) < self.batch_size:
@@ -392,6 +423,8 @@ class Scheduler:
                     job.state = "running"
                     admit.append(job)
                 self.active.extend(admit)
+            if trim:
+                self._fit_prefix_cache()
             for job in admit:
                 try:
                     self._start(job)
@@ -429,6 +462,7 @@ class Scheduler:
     def _unload(self) -> None:
         self.engine = None
         self._batch = None  # its buffers and bindings hold the session too
+        self._prefix.clear()  # pinned copies belong to the session
         gc.collect()
 
     def _installed(self, engine) -> None:
@@ -454,7 +488,10 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         engine = self._engine_for(job)
         if self._batch is None or not self._batch.serves(engine):
-            self._batch = BatchDecoder(engine, slots=self.batch_size)
+            # a new session (a reload, a throttle rebuild) invalidates every cached prefix
+            self._batch = BatchDecoder(engine, slots=self.batch_size, prefix=self._prefix)
+        self._update_pins(engine)
+        self._batch.fit_prefix_cache()  # size_mb may have changed (SIGHUP)
         t_start = time.monotonic()
         job.started = self.progressed = t_start
         prepared = engine.prepare(job.request, max_predict=self.predict_cap())  # template + tokenize + context check
@@ -485,6 +522,27 @@ class Scheduler:
             self._end(job, text="".join(job.text), stats=s)
 
         self._batch.add(prepared, cancel=job.cancel, deadline=job.deadline, on_delta=on_delta, on_done=on_done)
+
+    def _update_pins(self, engine) -> None:
+        """Pin the configured and the routes' system prompts (tokenized when they change)."""
+        systems = [*self.prefix_config.system_prompts, *(self._pinned() if self._pinned is not None else ())]
+        key = (id(engine), tuple(dict.fromkeys(s for s in systems if s)))
+        if key == self._pins_key:
+            return
+        self._pins_key = key
+        pins = []
+        for text in key[1]:
+            try:
+                pins.append(system_prefix(engine, text))
+            except Exception:  # a prompt the template cannot render is not pinned
+                log.exception("cannot pin a system prompt in the prefix cache")
+        self._prefix.set_pins(pins)
+
+    def _fit_prefix_cache(self) -> None:
+        if self._batch is not None:
+            self._batch.fit_prefix_cache()
+        else:
+            self._prefix.fit()
 
     def _step(self) -> None:
         try:

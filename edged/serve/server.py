@@ -84,6 +84,8 @@ class Server:
             engine=engine,
             batch_size=cfg.batch_size,
             limits=cfg.limits,  # the same object SIGHUP updates: changes apply at once
+            prefix_cache=cfg.prefix_cache,  # likewise
+            pinned=lambda: [r.system for r in self.config.routes if r.system],  # routes' system prompts
         )
         self.scheduler.start()
         self.transports = enabled_transports(self)
@@ -235,6 +237,7 @@ class Server:
             "requests_completed": s.completed if s else 0,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "rss_bytes": rss_bytes(),
+            "prefix_cache": s.prefix_cache_status() if s else None,  # bytes held for prompt reuse, budget
             "transports": {t.name: t.describe() for t in self.transports},
             "governor": gov,
         }

@@ -104,6 +104,9 @@ def test_edged_only_run_on_tiny_model(tiny_store, tmp_path, monkeypatch):
     assert run["prompts"]["long"]["ids_match"] is True  # edged tokenized the text to the ids the anchors get
     assert run["cold_start_s"] > 0 and 0 < run["peak_rss_single_bytes"] <= run["peak_rss_bytes"]
     assert [c["clients"] for c in run["concurrency"]] == [1, 4]
+    # prefix cache: B found the prompt A left, and the TTFT ratio exists
+    assert run["prefix"]["info"]["cached"]["prompt_cache_tokens"] >= run["prefix"]["shared_tokens"] - 2
+    assert res["prefix_cache_ttft_ratio"] > 0
     assert len(run["schema"]) == 3 and res["schema_decode_ratio"] > 0  # decode with a JSON schema on vs off
     assert res["bandwidth"]["best_gbps"] > 0
     assert "anchors skipped (--no-anchors)" in res["missing"]
