@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.report import LABELS, fmt, median, paired_ratio, summarize
+from bench.report import LABELS, fmt, median, paired_ratio, ratio, summarize
 
 GOALS = {"int4_decode_ratio_vs_int8": (">=", 1.4), "int4_decode_ratio_vs_llamacpp_q4_1": (">=", 1.1),
          "int4_rss_ratio_vs_llamacpp_q4_1": ("<=", 1.0)}
@@ -42,8 +42,18 @@ def derive(results: dict) -> None:
     results["int4_ratios"] = int4_ratios(runs, list(pt) or ["short", "long"], pt)
     if results["int4_ratios"]:
         results["int4_ratios"]["measured_by"] = where
+    summary = summarize(runs)
     if where != "make bench" and "int4_run" in results:
-        results["int4_run"]["summary"] = summarize(runs)
+        results["int4_run"]["summary"] = summary
+    r = results["int4_ratios"]
+    for other, suffix in (("edged", "int8"), ("llamacpp_q4_1", "llamacpp_q4_1"), ("llamacpp_q4_0", "llamacpp_q4_0")):
+        if r and ENGINE in summary and other in summary:
+            # each engine's least-contended round: on a shared machine llama.cpp's OpenMP threads
+            # lose most when a core is taken, which paired medians do not cancel
+            r[f"int4_best_round_decode_ratio_vs_{suffix}_by_prompt_tokens"] = {
+                str(pt.get(n, n)): ratio(summary[ENGINE]["prompts"][n].get("decode_tps_best"),
+                                         summary[other]["prompts"].get(n, {}).get("decode_tps_best"))
+                for n in summary[ENGINE]["prompts"]}
     for k in HEADLINE:
         results[k] = results["int4_ratios"].get(k)
 
@@ -70,10 +80,19 @@ def int4_ratios(runs: dict, prompt_names, token_counts: dict) -> dict:
 
 
 def goals_met(results: dict) -> dict:
+    """key -> (met, figures): a decode goal counts as met only when both the paired median
+    and the fastest rounds' ratio meet it (on a busy machine the two can disagree)."""
     met = {}
+    r = results.get("int4_ratios") or {}
     for k, (op, bound) in GOALS.items():
         v = results.get(k)
-        met[k] = None if v is None else (v >= bound if op == ">=" else v <= bound)
+        vals = [v]
+        best = r.get(k.replace("int4_decode_ratio", "int4_best_round_decode_ratio") + "_by_prompt_tokens")
+        if "decode" in k and best:
+            vals.append(median(best.values()))
+        ok = None if any(x is None for x in vals) else all(x >= bound if op == ">=" else x <= bound for x in vals)
+        figures = fmt(v, 2) if len(vals) == 1 else f"paired {fmt(vals[0], 2)}, fastest rounds {fmt(vals[1], 2)}"
+        met[k] = (ok, figures)
     return met
 
 
@@ -109,13 +128,22 @@ def markdown(results: dict) -> list[str]:
         lines.append(f"| TTFT, {k}-token prompt | " + " | ".join(
             fmt((r.get(f"int4_ttft_ratio_vs_{x}") or {}).get(k), 2) for x in ("int8", "llamacpp_q4_1", "llamacpp_q4_0"))
             + " | |")
+    for n in names:
+        k = str(pt.get(n, n))
+        lines.append(f"| decode, each engine's fastest round, {k}-token prompt | " + " | ".join(
+            fmt((r.get(f"int4_best_round_decode_ratio_vs_{x}_by_prompt_tokens") or {}).get(k), 2)
+            for x in ("int8", "llamacpp_q4_1", "llamacpp_q4_0")) + " | |")
     lines.append("| **peak RSS, model loaded + single requests done** | " + " | ".join(
         f"**{fmt(r.get(f'int4_rss_ratio_vs_{x}'), 2)}**" for x in ("int8", "llamacpp_q4_1", "llamacpp_q4_0"))
         + " | ≤ 1.0 vs Q4_1 |")
     met = goals_met(results)
-    lines += ["", "Goals: " + ", ".join(f"`{k}` {fmt(results.get(k), 2)}: "
-                                         f"{'met' if v else 'missed' if v is not None else 'not measured'}"
-                                         for k, v in met.items()) + "."]
+    loads = [x.get("loadavg_1m_before") for rs in (src.get("runs") or {}).values() for x in rs]
+    if apart and median(loads) is not None:
+        lines += ["", f"Machine load before each run of this comparison: median {median(loads):.1f} (1-minute load "
+                      "average, 2 cores): other jobs competed; where the paired median and the fastest round "
+                      "disagree, the fastest round is the closer to an idle machine."]
+    lines += ["", "Goals: " + ", ".join(f"`{k}` {fig}: {'met' if ok else 'missed' if ok is not None else 'not measured'}"
+                                         for k, (ok, fig) in met.items()) + "."]
     if apart and s:
         lines += ["", "| engine (this run) | " + " | ".join(f"decode after {pt.get(n)} (tok/s)" for n in names)
                   + " | peak RSS, single requests (MB) |", "|---" * (2 + len(names)) + "|"]

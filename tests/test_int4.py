@@ -261,4 +261,7 @@ def test_bench_int4_ratios_pair_rounds_and_fall_back_to_the_run_apart():
     assert results["int4_rss_ratio_vs_llamacpp_q4_1"] == pytest.approx(1.25)
     assert results["int4_ratios"]["measured_by"] == "python -m bench.int4"
     text = "\n".join(int4.markdown(results))
-    assert "int4_rss_ratio_vs_llamacpp_q4_1` 1.25: missed" in text and "int4_decode_ratio_vs_int8` 1.40: met" in text
+    assert "int4_rss_ratio_vs_llamacpp_q4_1` 1.25: missed" in text
+    # fastest rounds: int4 140/100 vs int8, but 140/200 vs llama.cpp: the paired 1.35 alone is not "met"
+    assert "int4_decode_ratio_vs_int8` paired 1.40, fastest rounds 1.40: met" in text
+    assert "int4_decode_ratio_vs_llamacpp_q4_1` paired 1.35, fastest rounds 0.70: missed" in text
