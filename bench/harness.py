@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import DRIVERS, ROOT, anchors, cache_dir, log
+from bench import lookup as lookup_bench
 from bench import prefix as prefix_bench
 from bench.report import derive, markdown_report
 
@@ -243,6 +244,8 @@ def set_up(model: str, *, threads: int = 2, rounds: int = DEFAULT_ROUNDS, anchor
     ctx = int(store.get(model).manifest.get("context_length") or 2048)
     spec["prefix"] = prefix_bench.build(lambda t: tok.encode(t, add_special_tokens=False).ids,
                                         min(prefix_bench.TARGET, ctx // 2 - 40))
+    # prompt-lookup speculative decoding (bench/lookup.py): tasks about a sensor log, open-ended prompts
+    spec["lookup"] = lookup_bench.spec_for(store.get(model))
     missing: list[str] = []
     machine = machine_info()
     commands = {"edged": ([sys.executable, str(DRIVERS / "driver_edged.py")],

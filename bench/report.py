@@ -257,6 +257,9 @@ def markdown_report(results: dict) -> str:
     from bench import prefix  # imports this module: loaded late
 
     lines += prefix.markdown(results)
+    from bench import lookup  # imports this module: loaded late
+
+    lines += lookup.markdown(results)
     if results.get("missing"):
         lines += ["", "Not measured in this run:", ""] + [f"- {x}" for x in results["missing"]]
     lines += ["", "Concurrency: edged decodes concurrent requests together (continuous batching, the daemon's "
@@ -309,6 +312,9 @@ def derive(results: dict) -> dict:
     from bench import prefix  # imports this module: loaded late
 
     prefix.derive(results)
+    from bench import lookup  # imports this module: loaded late
+
+    lookup.derive(results)
     results["cold_start_s"] = {e: s.get("cold_start_s") for e, s in summary.items()}
     return results
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _lookup  # noqa: E402
 import _prefix  # noqa: E402
 from _driver_common import (emit, load_spec, measure_stream, onnx_matmul_weight_bytes,  # noqa: E402
                             peak_rss_bytes, rss_now_bytes)
@@ -26,6 +27,12 @@ store = ModelStore(spec["store"]) if spec.get("store") else ModelStore()
 engine = load_engine(spec["model"], config=EngineConfig(threads=spec["threads"]), store=store)
 emit({"event": "ready"})
 rss_loaded = rss_now_bytes()
+if spec.get("lookup_only"):  # python -m bench.lookup
+    emit({"event": "result", "engine": spec.get("engine", "edged"), "lookup": _lookup.edged(engine, spec)})
+    sys.exit(0)
+# The figures below are plain decoding, like the anchors'; the lookup section (at the end)
+# measures prompt-lookup speculative decoding on and off.
+engine.speculative = False
 
 
 def request(text: str, n: int, fmt=None) -> GenerateRequest:
@@ -122,8 +129,10 @@ if _prefix.wanted(spec, spec.get("engine", "edged")):
 
     prefix = _prefix.measure(make, spec)
 
+lookup = _lookup.edged(engine, spec) if _lookup.wanted(spec, spec.get("engine", "edged")) else None
+
 d = engine.describe()
-emit({"event": "result", "engine": "edged", "prefix": prefix, "prompts": results, "concurrency": conc, "schema": schema_pairs,
+emit({"event": "result", "engine": "edged", "lookup": lookup, "prefix": prefix, "prompts": results, "concurrency": conc, "schema": schema_pairs,
       "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_all,
       "load_duration_s": engine.load_duration / 1e9, "describe": d,
       "weight_bytes": sum(f["size"] for name, f in engine.model.manifest["files"].items() if ".onnx" in name),

@@ -45,8 +45,13 @@ def main() -> None:
     from _driver_common import concurrency, emit, load_spec, measure_prompts, peak_rss_bytes, rss_now_bytes
 
     spec = load_spec()
+    import _lookup
     import llama_cpp
 
+    if spec.get("lookup_only"):  # python -m bench.lookup
+        emit({"event": "ready"})
+        emit({"event": "result", "engine": spec.get("engine", "llamacpp"), "lookup": _lookup.llamacpp(spec["model"], spec)})
+        return
     longest = max([len(p["ids"]) for p in spec["prompts"]]
                   + [len(q["ids"]) for k, q in (spec.get("prefix") or {}).items() if k in ("a", "b", "x")])
     n_ctx = longest + max(spec["n_gen"], spec.get("conc_n_gen", 0)) + 16
@@ -78,7 +83,8 @@ def main() -> None:
     prefix = None
     if _prefix.wanted(spec, spec.get("engine", "llamacpp")):
         prefix = _prefix.measure(prefix_runner(llm), spec)
-    emit({"event": "result", "engine": "llamacpp", "prefix": prefix,
+    lookup = _lookup.llamacpp(spec["model"], spec) if _lookup.wanted(spec, spec.get("engine", "llamacpp")) else None
+    emit({"event": "result", "engine": "llamacpp", "lookup": lookup, "prefix": prefix,
           "prompts": results, "concurrency": conc,
           "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_all,
           # tied embeddings: token_embd is also the output matrix, so the whole file is read per token
