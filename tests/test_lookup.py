@@ -431,3 +431,25 @@ def test_smollm2_json_format_with_speculation(smollm2_engine):
         json.loads(spec.text)
     div = next((i for i, (a, b) in enumerate(zip(plain.tokens, spec.tokens)) if a != b), None)
     assert div is None or div > 8, (plain.text, spec.text)
+
+
+def test_speculation_with_the_prefix_cache(fp32_tiny):
+    """A request that reuses an earlier prompt's KV from a kept slot speculates on that
+    row like any other: its text is the one it gets alone without the cache."""
+    from edged.engine.prefix import PrefixCache
+
+    shared = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+    prompts = [shared + "The quick brown", shared + "Berlin is the capital of Germany. Paris"]
+    batch = BatchDecoder(fp32_tiny, slots=2, capacity=256, prefix=PrefixCache(size_mb=8))
+    for p in prompts:
+        alone = generate(fp32_tiny, request(p, 40), spec=False)
+        done, text = [], []
+        with speculation(fp32_tiny, True):
+            b = batch.add(fp32_tiny.prepare(request(p, 40)), on_delta=text.append, on_done=done.append)
+            if batch.active:
+                batch.active[b].decoder.lookup = Echo(batch.active[b].decoder.history, 3)
+            while batch.active:
+                batch.step()
+        assert "".join(text) == alone.text, p
+        assert done[0]["eval_count"] == alone.stats["eval_count"]
+    assert done[0]["prompt_cache_tokens"] > 0 and done[0]["draft_tokens"] > 0
