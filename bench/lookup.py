@@ -153,8 +153,12 @@ def derive(results: dict) -> None:
             if acc:
                 v[k]["draft_tokens"] = median(m["draft_tokens"] for m in acc)
                 v[k]["accepted_tokens"] = median(m["accepted_tokens"] for m in acc)
+    prev = results.get("lookup") or {}
     results["lookup"] = {"rates": rates, "ratios": r, "tasks": per_task,
                          "rounds": sum(1 for x, y in zip(e, lc) if x and y) or sum(1 for x in e if x)}
+    for k in ("measured", "note"):  # written by hand next to a standalone run's figures
+        if k in prev:
+            results["lookup"][k] = prev[k]
     for k in HEADLINE:
         results[k] = r.get(k)
 
@@ -190,6 +194,12 @@ def markdown(results: dict) -> list[str]:
               + f". edged lookup ÷ edged plain on the grounded tasks: {fmt(r.get('lookup_grounded_speedup'), 2)}; "
               f"llama.cpp's own lookup ÷ its plain decoding: {fmt(r.get('llamacpp_lookup_speedup'), 2)}; edged plain ÷ "
               f"llama.cpp plain on the grounded tasks: {fmt(r.get('plain_grounded_ratio_vs_llamacpp_q8_0'), 2)}."]
+    m = lk.get("measured") or {}
+    if m:
+        loads = [x for x in m.get("machine_load") or [] if x is not None]
+        lines += ["", f"Measured apart from the table above by `{m.get('by')}` ({m.get('rounds')} alternating rounds, "
+                      f"{m.get('threads')} threads, {m.get('date', '')}; 1-minute load average before the runs "
+                      f"{min(loads):.1f}-{max(loads):.1f})." if loads else ""]
     if lk.get("note"):
         lines += ["", lk["note"]]
     return lines
