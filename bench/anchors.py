@@ -53,16 +53,21 @@ def source_gguf(model: str) -> Path:
     return resolve(model)[1]
 
 
-def ensure_llamacpp(cache: Path, gguf: Path, threads: int) -> tuple[Path, Path]:
-    """llama.cpp's venv and the Q8_0 GGUF (threads are set per run by its driver)."""
+def _requantized(cache: Path, gguf: Path, kind: str) -> tuple[Path, Path]:
+    """llama.cpp's venv and a `kind` GGUF requantized from the shipped one by llama.cpp (kept)."""
     py = _ensure_venv(cache, "llamacpp", "setup_llamacpp.sh", "import llama_cpp")
-    out = cache / "models" / (gguf.name.rsplit(".", 2)[0] + ".Q8_0.gguf")
+    out = cache / "models" / (gguf.name.rsplit(".", 2)[0] + f".{kind}.gguf")
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         log(f"requantizing {gguf.name} -> {out.name} with llama.cpp")
-        subprocess.run([str(py), str(DRIVERS / "driver_llamacpp.py"), "--quantize", str(gguf), str(out)],
+        subprocess.run([str(py), str(DRIVERS / "driver_llamacpp.py"), "--quantize", str(gguf), str(out), kind],
                        check=True, capture_output=True, timeout=900)
     return py, out
+
+
+def ensure_llamacpp(cache: Path, gguf: Path, threads: int) -> tuple[Path, Path]:
+    """llama.cpp's venv and the Q8_0 GGUF (threads are set per run by its driver)."""
+    return _requantized(cache, gguf, "Q8_0")
 
 
 def ensure_llamacpp_q4_1(cache: Path, gguf: Path, threads: int) -> tuple[Path, Path]:
@@ -72,14 +77,7 @@ def ensure_llamacpp_q4_1(cache: Path, gguf: Path, threads: int) -> tuple[Path, P
 
 def ensure_llamacpp_q4_0(cache: Path, gguf: Path, threads: int) -> tuple[Path, Path]:
     """llama.cpp's venv and a Q4_0 GGUF requantized from the shipped one by llama.cpp."""
-    py = _ensure_venv(cache, "llamacpp", "setup_llamacpp.sh", "import llama_cpp")
-    out = cache / "models" / (gguf.name.rsplit(".", 2)[0] + ".Q4_0.gguf")
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        log(f"requantizing {gguf.name} -> {out.name} with llama.cpp")
-        subprocess.run([str(py), str(DRIVERS / "driver_llamacpp.py"), "--quantize", str(gguf), str(out), "Q4_0"],
-                       check=True, capture_output=True, timeout=900)
-    return py, out
+    return _requantized(cache, gguf, "Q4_0")
 
 
 def ensure_edged_int4(cache: Path, model: str) -> Path:

@@ -84,7 +84,7 @@ def main() -> None:
     if _prefix.wanted(spec, spec.get("engine", "llamacpp")):
         prefix = _prefix.measure(prefix_runner(llm), spec)
     lookup = _lookup.llamacpp(spec["model"], spec) if _lookup.wanted(spec, spec.get("engine", "llamacpp")) else None
-    emit({"event": "result", "engine": "llamacpp", "lookup": lookup, "prefix": prefix,
+    emit({"event": "result", "engine": spec.get("engine", "llamacpp"), "lookup": lookup, "prefix": prefix,
           "prompts": results, "concurrency": conc,
           "rss_loaded_bytes": rss_loaded, "peak_rss_single_bytes": peak_single, "peak_rss_bytes": peak_all,
           # tied embeddings: token_embd is also the output matrix, so the whole file is read per token
@@ -120,7 +120,7 @@ def prefix_runner(llm):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--quantize"]:
-        quantize(sys.argv[2], sys.argv[3])
+        quantize(sys.argv[2], sys.argv[3], *sys.argv[4:5])
     elif sys.argv[1:2] == ["--version"]:
         print(json.dumps(version()))
     else:
