@@ -78,22 +78,9 @@ LONG_TARGET = 400
 def build_prompts(encode, short_target: int = SHORT_TARGET, long_target: int = LONG_TARGET) -> list[dict]:
     """Prompts of about short/long_target tokens. `encode(text) -> ids` is the model's
     tokenizer without special tokens; the long prompt is cut on a word boundary."""
-    def fit(base: str, target: int) -> str:
-        words = base.split()
-        while len(encode(" ".join(words))) < target:
-            words = words + base.split()
-        lo, hi = 1, len(words)
-        while lo < hi:  # the fewest words reaching the target
-            mid = (lo + hi) // 2
-            if len(encode(" ".join(words[:mid]))) >= target:
-                hi = mid
-            else:
-                lo = mid + 1
-        return " ".join(words[:lo])
-
     out = []
     for name, base, target in (("short", SHORT_PROMPT, short_target), ("long", _LONG_BASE, long_target)):
-        text = fit(base, target)
+        text = prefix_bench.fit(encode, base, target)
         out.append({"name": name, "text": text, "ids": list(encode(text))})
     return out
 
