@@ -115,26 +115,23 @@ def markdown(results: dict) -> list[str]:
                 "alternating rounds of edged int8, edged int4, llama.cpp Q4_1 and Q4_0 (the table above is "
                 "another run)." if apart else "."), "",
              "| ratio | vs edged int8 | vs llama.cpp Q4_1 | vs llama.cpp Q4_0 | goal |", "|---|---|---|---|---|"]
-    for n in names:
-        k = str(pt.get(n, n))
-        lines.append(f"| decode tok/s, {k}-token prompt | " + " | ".join(
-            fmt((r.get(f"int4_decode_ratio_vs_{x}_by_prompt_tokens") or {}).get(k), 2)
-            for x in ("int8", "llamacpp_q4_1", "llamacpp_q4_0")) + " | |")
+    others = ("int8", "llamacpp_q4_1", "llamacpp_q4_0")
+
+    def per_prompt(label: str, key: str) -> None:
+        """One row per prompt length: `key` names the by-prompt-tokens ratio for `x`."""
+        for n in names:
+            k = str(pt.get(n, n))
+            lines.append(f"| {label.format(k=k)} | " + " | ".join(
+                fmt((r.get(key.format(x=x)) or {}).get(k), 2) for x in others) + " | |")
+
+    per_prompt("decode tok/s, {k}-token prompt", "int4_decode_ratio_vs_{x}_by_prompt_tokens")
     lines.append("| **decode, median of the prompt lengths** | " + " | ".join(
-        f"**{fmt(r.get(f'int4_decode_ratio_vs_{x}'), 2)}**" for x in ("int8", "llamacpp_q4_1", "llamacpp_q4_0"))
+        f"**{fmt(r.get(f'int4_decode_ratio_vs_{x}'), 2)}**" for x in others)
         + " | ≥ 1.4 vs int8, ≥ 1.1 vs Q4_1 |")
-    for n in names:
-        k = str(pt.get(n, n))
-        lines.append(f"| TTFT, {k}-token prompt | " + " | ".join(
-            fmt((r.get(f"int4_ttft_ratio_vs_{x}") or {}).get(k), 2) for x in ("int8", "llamacpp_q4_1", "llamacpp_q4_0"))
-            + " | |")
-    for n in names:
-        k = str(pt.get(n, n))
-        lines.append(f"| decode, each engine's fastest round, {k}-token prompt | " + " | ".join(
-            fmt((r.get(f"int4_best_round_decode_ratio_vs_{x}_by_prompt_tokens") or {}).get(k), 2)
-            for x in ("int8", "llamacpp_q4_1", "llamacpp_q4_0")) + " | |")
+    per_prompt("TTFT, {k}-token prompt", "int4_ttft_ratio_vs_{x}")
+    per_prompt("decode, each engine's fastest round, {k}-token prompt", "int4_best_round_decode_ratio_vs_{x}_by_prompt_tokens")
     lines.append("| **peak RSS, model loaded + single requests done** | " + " | ".join(
-        f"**{fmt(r.get(f'int4_rss_ratio_vs_{x}'), 2)}**" for x in ("int8", "llamacpp_q4_1", "llamacpp_q4_0"))
+        f"**{fmt(r.get(f'int4_rss_ratio_vs_{x}'), 2)}**" for x in others)
         + " | ≤ 1.0 vs Q4_1 |")
     met = goals_met(results)
     loads = [x.get("loadavg_1m_before") for rs in (src.get("runs") or {}).values() for x in rs]
