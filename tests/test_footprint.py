@@ -21,7 +21,7 @@ def _resident_bytes(name_part: str) -> int:
     return total
 
 
-def test_onnxruntime_code_run_only_while_loading_is_not_kept_resident(smollm2_store):
+def test_onnxruntime_code_run_only_while_loading_is_dropped_after_the_load(smollm2_store):
     # A fresh process, as the daemon is: in the test process other tests have already run
     # (and so paged in) much more of onnxruntime than one load and one request do.
     code = (
@@ -32,18 +32,22 @@ def test_onnxruntime_code_run_only_while_loading_is_not_kept_resident(smollm2_st
         "from edged.models.store import ModelStore\n"
         "from tests.test_footprint import _resident_bytes\n"
         "engine = load_engine('smollm2-135m', store=ModelStore(Path(sys.argv[1])))\n"
+        "loaded = _resident_bytes('onnxruntime_pybind11_state')\n"
         "text = engine.generate(GenerateRequest.from_dict({'prompt': 'What is the capital of France?', "
         "'options': {'temperature': 0, 'num_predict': 12}})).run()\n"
-        "print(repr(text), _resident_bytes('onnxruntime_pybind11_state'))\n"
+        "print(repr(text), loaded)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(smollm2_store.root)], capture_output=True, text=True,
                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
-    text, resident = out.stdout.strip().rsplit(" ", 1)
+    text, loaded = out.stdout.strip().rsplit(" ", 1)
+    # Kept mapped, onnxruntime's library is ~21 MiB resident after a load (1-6 MiB released).
+    assert int(loaded) < 8 << 20
     assert "Paris" in text  # code dropped at load and needed again came back
-    # Kept mapped, onnxruntime's library stays ~21 MiB resident after a load and a
-    # request; a request itself runs ~10 MiB of it.
-    assert int(resident) < 16 << 20
+    # Not asserted: how much a request maps back. That is the kernel's choice: from a page
+    # cache of 4 KiB pages a SmolLM2 request brought back ~9 MiB of the library; from one
+    # that holds the freshly installed library in large folios (ext4, Linux 6.18, a clean
+    # checkout's .venv) each fault mapped a whole folio, ~25 MiB (docs/profile.md).
 
 
 def test_a_transport_that_is_off_is_not_imported():

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _lookup  # noqa: E402
 import _prefix  # noqa: E402
 from _driver_common import (emit, load_spec, measure_stream, onnx_matmul_weight_bytes,  # noqa: E402
-                            peak_rss_bytes, rss_now_bytes)
+                            peak_rss_bytes, rss_now_bytes, warmup_tokens)
 
 spec = load_spec()
 
@@ -61,7 +61,7 @@ def stream(text: str, n: int, info: dict, fmt=None):
 
 if spec.get("warmup", True):
     p = spec["prompts"][0]
-    engine.generate(request(p["text"], 8)).run()
+    engine.generate(request(p["text"], warmup_tokens(spec))).run()
 
 results = {}
 for p in spec["prompts"]:
