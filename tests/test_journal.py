@@ -92,7 +92,7 @@ def test_answers_bounded_in_bytes(tmp_path):
         j.finish(k, bytes([65 + i]) * 300)
         assert j.stats()["answer_bytes"] <= 1000
     st = j.stats()
-    assert st == {"pending": 0, "answers": 3, "answer_bytes": 900}
+    assert st == {"pending": 0, "answers": 3, "answer_bytes": 900, "unsent": 0}
     assert [_req(j, f"r{i}")[2] for i in (7, 8, 9)] == [bytes([65 + i]) * 300 for i in (7, 8, 9)]
     assert _req(j, "r6")[1] == "new"
     j.close()
@@ -104,7 +104,7 @@ def test_final_too_large_is_a_marker(tmp_path):
     j.finish(k, b"x" * (FINAL_CAP + 1))
     # still recognised as answered (not run twice), but the frame is not kept
     assert _req(j, "big") == (k, "answered", None)
-    assert j.stats() == {"pending": 0, "answers": 1, "answer_bytes": 0}
+    assert j.stats() == {"pending": 0, "answers": 1, "answer_bytes": 0, "unsent": 0}
     k2, _, _ = _req(j, "fits")
     j.finish(k2, b"y" * FINAL_CAP)
     assert _req(j, "fits") == (k2, "answered", b"y" * FINAL_CAP)
@@ -133,6 +133,60 @@ def test_survives_reopen_and_lowered_bounds(tmp_path):
     assert j.stats()["answers"] == 2
     assert [_req(j, f"d{i}")[1] for i in range(5)] == ["new", "new", "new", "answered", "answered"]
     j.close()
+
+
+def test_outbox_until_the_broker_has_it(tmp_path):
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    a, _, _ = _req(j, "a")
+    e, _, _ = _req(j, "e")
+    n, _, _ = _req(j, None)
+    big, _, _ = _req(j, "big")
+    j.finish(a, b"answer-a", outbox=b"answer-a")
+    j.finish(e, None, outbox=b"error-e")  # refused: kept only to be sent
+    j.finish(n, b"answer-n", outbox=b"answer-n")  # no id: nothing can match it
+    j.finish(big, b"x" * (FINAL_CAP + 1), outbox=b"x" * (FINAL_CAP + 1))
+    j.close()
+
+    j = Journal(path)  # a crash before any PUBACK: all four are re-sent, to where they were going
+    assert j.unsent() == [(a, PROPS, b"answer-a"), (e, PROPS, b"error-e"), (n, PROPS, b"answer-n"),
+                          (big, PROPS, b"x" * (FINAL_CAP + 1))]  # the outbox is whole, above the cap too
+    assert j.unanswered() == []  # none runs again
+    assert _req(j, "a") == (a, "answered", b"answer-a")
+    assert _req(j, "e")[1] == "new"  # a retry after an error runs again, its error still unsent
+    assert _req(j, "big") == (big, "answered", None)
+    for k in (a, e, n, big):
+        j.sent(k)
+    assert j.unsent() == [] and j.stats()["unsent"] == 0
+    assert _req(j, "a") == (a, "answered", b"answer-a")  # still recognised after the PUBACK
+    j.sent(10_000)  # unknown: ignored
+    j.close()
+
+
+def test_version_1_journal_gets_the_outbox(tmp_path):
+    from edged.transports.journal import APPLICATION_ID
+
+    path = tmp_path / "j.db"
+    conn = sqlite3.connect(path)  # as an edged before the outbox left it
+    conn.executescript(f"""
+        CREATE TABLE requests (key INTEGER PRIMARY KEY AUTOINCREMENT, requester TEXT NOT NULL, rid TEXT,
+            topic TEXT NOT NULL, payload BLOB NOT NULL, properties TEXT NOT NULL, created REAL NOT NULL,
+            state INTEGER NOT NULL, final BLOB, final_len INTEGER NOT NULL DEFAULT 0, answered INTEGER);
+        CREATE UNIQUE INDEX requests_rid ON requests(requester, rid) WHERE rid IS NOT NULL;
+        CREATE INDEX requests_answered ON requests(answered) WHERE state = 1;
+        INSERT INTO requests VALUES (1, 'dev/1/reply', 'old', 't', X'', '{{}}', 0, 1, X'616e73776572', 6, 1);
+        INSERT INTO requests VALUES (2, 'dev/1/reply', 'pending', 't', X'70', '{{}}', 0, 0, NULL, 0, NULL);
+        PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version=1;""")
+    conn.close()
+    j = Journal(path)
+    assert _req(j, "old") == (1, "answered", b"answer")
+    assert [(x.key, x.payload) for x in j.unanswered()] == [(2, b"p")] and j.unsent() == []
+    j.finish(2, b"answer-p", outbox=b"answer-p")
+    assert j.unsent() == [(2, {}, b"answer-p")]
+    j.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
 
 
 _CHILD = textwrap.dedent("""
@@ -281,7 +335,7 @@ def test_two_threads(tmp_path):
     for t in threads:
         t.join()
     assert len(set(keys["net"]) | set(keys["worker"])) == 300
-    assert j.stats() == {"pending": 150, "answers": 150, "answer_bytes": 600}
+    assert j.stats() == {"pending": 150, "answers": 150, "answer_bytes": 600, "unsent": 0}
     j.close()
 
 

@@ -5,7 +5,10 @@ and closed with `finish()` when it ends. After a crash or a power cut,
 `unanswered()` lists what was acknowledged but never answered, oldest first, so
 the daemon can run it at start. Answered requests keep their final frame so a
 redelivered copy (same requester and request id) gets that frame again instead
-of running twice, across restarts too.
+of running twice, across restarts too. A final frame is also kept in the row's
+outbox, whole, from `finish()` until the broker has it (`sent()`, on its PUBACK):
+at start, `unsent()` lists the answers and errors a crash caught between the two,
+to be published again rather than lost (the prompt does not run again).
 
 Rows and states:
 - pending: recorded by `begin()`, not finished. Never evicted: the caller bounds
@@ -20,6 +23,8 @@ Rows and states:
 - gone: `finish(key, None)` deletes the row (the request was refused or failed:
   a retry with the same id must run). A request without an id (`rid` None) can
   never be matched, so its row is deleted when it finishes, answered or not.
+  With an outbox (`finish(key, final, outbox=frame)`) such a row is kept, with no
+  id to match, until `sent()` deletes it.
 
 Bounds: answered rows are limited to `max_answers` rows and `max_answer_bytes`
 of stored finals, evicting the oldest answered first (by the order in which
@@ -84,10 +89,10 @@ from pathlib import Path
 log = logging.getLogger("edged.journal")
 
 APPLICATION_ID = 0x65646A31  # "edj1": marks the file as an edged journal
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the outbox column
 FINAL_CAP = 64 << 10  # largest final frame stored for redelivery
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-_PENDING = 0  # state of a recorded, unfinished request; 1 is answered
+_PENDING = 0  # state of a recorded, unfinished request; 1 answered; 2 ended unmatchable, outbox unsent
 
 _SCHEMA = """
 CREATE TABLE requests (
@@ -98,10 +103,11 @@ CREATE TABLE requests (
     payload BLOB NOT NULL,
     properties TEXT NOT NULL,
     created REAL NOT NULL,
-    state INTEGER NOT NULL,                  -- 0 pending, 1 answered
+    state INTEGER NOT NULL,                  -- 0 pending, 1 answered, 2 ended with its outbox unsent
     final BLOB,                              -- NULL when answered but too large to keep
     final_len INTEGER NOT NULL DEFAULT 0,    -- bytes stored in final
-    answered INTEGER                         -- order of answering, for eviction
+    answered INTEGER,                        -- order of answering, for eviction
+    outbox BLOB                              -- final frame not yet acknowledged by the broker
 );
 CREATE UNIQUE INDEX requests_rid ON requests(requester, rid) WHERE rid IS NOT NULL;
 CREATE INDEX requests_answered ON requests(answered) WHERE state = 1;
@@ -172,7 +178,7 @@ class Journal:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if tables and app != APPLICATION_ID:
             raise _Unusable(f"not an edged journal (application_id {app:#x})")
-        if tables and version != SCHEMA_VERSION:
+        if tables and version not in (1, SCHEMA_VERSION):
             raise _Unusable(f"journal schema version {version}, this edged reads {SCHEMA_VERSION}")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -185,6 +191,9 @@ class Journal:
         if not tables:
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA application_id={APPLICATION_ID};"
                                f" PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")  # all or nothing
+        elif version == 1:  # written by an edged without the outbox: add it
+            conn.executescript(f"BEGIN IMMEDIATE; ALTER TABLE requests ADD COLUMN outbox BLOB;"
+                               f" PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         n, size, seq = conn.execute(
             "SELECT count(*), coalesce(sum(final_len), 0), coalesce(max(answered), 0) FROM requests WHERE state = 1"
         ).fetchone()
@@ -244,9 +253,11 @@ class Journal:
                 (requester, rid, topic, bytes(payload), props, time.time()))
             return cur.lastrowid, "new", None
 
-    def finish(self, key: int, final: bytes | None) -> None:
+    def finish(self, key: int, final: bytes | None, *, outbox: bytes | None = None) -> None:
         """The request ended: keep its final frame (an answer, for redelivery) or, with
         None, drop the row (it was refused or failed: a retry with the same id must run).
+        `outbox`: the frame about to be published, kept whole with the reply address
+        until `sent(key)`; a row that would be dropped stays, unmatchable, until then.
         A key that is unknown or already answered is left as it is."""
         with self._lock:
             conn = self._conn
@@ -254,23 +265,49 @@ class Journal:
             try:
                 row = conn.execute("SELECT rid, state FROM requests WHERE key = ?", (key,)).fetchone()
                 seq, counts = self._seq, (self._answers, self._answer_bytes)
+                kept = "properties" if outbox is not None else "'{}'"  # the reply address, for a re-send
                 if row is None or row[1] != _PENDING:
                     pass
-                elif final is None or row[0] is None:
+                elif (final is None or row[0] is None) and outbox is None:
                     conn.execute("DELETE FROM requests WHERE key = ?", (key,))
+                elif final is None or row[0] is None:
+                    conn.execute("UPDATE requests SET state = 2, rid = NULL, payload = X'', outbox = ? WHERE key = ?",
+                                 (bytes(outbox), key))
                 else:
                     stored = bytes(final) if len(final) <= self.final_cap else None  # None: the marker
                     size = len(stored) if stored is not None else 0
                     seq += 1
                     conn.execute(
-                        "UPDATE requests SET state = 1, final = ?, final_len = ?, answered = ?, payload = X'',"
-                        " properties = '{}' WHERE key = ?", (stored, size, seq, key))
+                        f"UPDATE requests SET state = 1, final = ?, final_len = ?, answered = ?, payload = X'',"
+                        f" properties = {kept}, outbox = ? WHERE key = ?",
+                        (stored, size, seq, None if outbox is None else bytes(outbox), key))
                     counts = self._evict(self._answers + 1, self._answer_bytes + size)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             self._seq, (self._answers, self._answer_bytes) = seq, counts
+
+    def sent(self, key: int) -> None:
+        """The broker has the row's outbox: forget it (and the row, if nothing else keeps it)."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM requests WHERE key = ? AND state = 2", (key,))
+                conn.execute("UPDATE requests SET outbox = NULL, properties = '{}' WHERE key = ? AND outbox IS NOT NULL",
+                             (key,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def unsent(self) -> list[tuple[int, dict, bytes]]:
+        """(key, properties, frame) of every final frame the broker never acknowledged, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key, properties, outbox FROM requests WHERE outbox IS NOT NULL ORDER BY key").fetchall()
+        return [(k, json.loads(props), bytes(out)) for k, props, out in rows]
 
     def unanswered(self) -> list[Entry]:
         """Recorded requests that were never finished, oldest first (for replay at start)."""
@@ -284,7 +321,8 @@ class Journal:
         """Row counts and stored answer bytes (for status and tests)."""
         with self._lock:
             pending = self._conn.execute("SELECT count(*) FROM requests WHERE state = 0").fetchone()[0]
-            return {"pending": pending, "answers": self._answers, "answer_bytes": self._answer_bytes}
+            unsent = self._conn.execute("SELECT count(*) FROM requests WHERE outbox IS NOT NULL").fetchone()[0]
+            return {"pending": pending, "answers": self._answers, "answer_bytes": self._answer_bytes, "unsent": unsent}
 
     def close(self) -> None:
         with self._lock:

@@ -24,7 +24,12 @@ unacknowledged, and the broker hands it to the next run. Every generation is
 recorded in the journal (journal.py, SQLite) before its acknowledgement and
 closed when its final frame is sent: at start, what was acknowledged but never
 answered (a crash, a power cut) runs again, and a redelivered copy is ignored
-while the first runs, or gets the stored final frame, across restarts too.
+while the first runs, or gets the stored final frame, across restarts too. A
+final frame stays in the journal's outbox until the broker acknowledges it
+(PUBACK): at start, finals that a crash caught in paho's queue are published
+again. The broker may then get one a second time (the crash came between its
+PUBACK and our record of it): the same bytes, at least once, as QoS 1 promises;
+the prompt never runs twice.
 """
 
 from __future__ import annotations
@@ -79,6 +84,11 @@ class MqttTransport(Transport):
         self.repeats = Repeats()
         self.routes = Routes(self)
         self._route_filters = self.routes.filters()
+        # Final frames on their way to the broker: mid -> journal key, until the PUBACK.
+        self._outbox: dict[int, int] = {}
+        self._outbox_lock = threading.Lock()
+        self._publishing = 0  # finals inside client.publish(), whose mid is not known yet
+        self._acked_early: set[int] = set()  # PUBACKs that came before their mid was recorded
         self.client = self._make_client()
 
     @property
@@ -133,6 +143,7 @@ class MqttTransport(Transport):
         c.on_connect_fail = self._guard(self._on_connect_fail)
         c.on_disconnect = self._guard(self._on_disconnect)
         c.on_message = self._guard(self._on_message)
+        c.on_publish = self._guard(self._on_publish)
         return c
 
     def _guard(self, fn):
@@ -157,6 +168,7 @@ class MqttTransport(Transport):
         # payload_too_large; the broker's own max_packet_size (examples/mosquitto.conf) closes
         # the rest.
         props.MaximumPacketSize = max(self.cfg.max_packet_bytes, self.server.config.max_request_bytes + PACKET_OVERHEAD)
+        self._resend()
         self._replay()
         # connect_async: a broker that is down at start is retried with backoff by the loop thread.
         self.client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=False, properties=props)
@@ -168,6 +180,22 @@ class MqttTransport(Transport):
         # Stay subscribed (the persistent session keeps queueing for the next run);
         # new arrivals are left unacknowledged so the broker redelivers them.
         self.accepting = False
+
+    def _resend(self) -> None:
+        """Publish again the final frames the broker never acknowledged (the last run crashed
+        with them in paho's queue). They wait there until the broker is reached."""
+        unsent = self.journal.unsent()
+        if unsent:
+            log.warning("MQTT: %d answer(s) of the last run never reached the broker: sending them now", len(unsent))
+        for key, props, frame in unsent:
+            corr = props.get("correlation_data")
+            peer = Requester(self, arrived_on="", payload=b"", response_topic=props.get("response_topic"),
+                             corr=bytes.fromhex(corr) if corr is not None else None, expiry_at=None)
+            if peer.topic is None:  # the reply policy was narrowed since: it may no longer go there
+                log.warning("MQTT: answer %d not re-sent: its reply topic is no longer allowed", key)
+                self._sent(key)
+                continue
+            self.deliver(key, lambda peer=peer, frame=frame: peer.publish(frame))
 
     def _replay(self) -> None:
         """Run what was acknowledged but never answered (the last run crashed or lost power).
@@ -320,16 +348,55 @@ class MqttTransport(Transport):
 
     def finished(self, key: int, frame: dict, payload: bytes) -> bool:
         """Close a journal entry as its final frame goes out; False: keep it (and send nothing).
-        The entry is closed before the publish: a crash between the two loses that one reply
-        rather than running the prompt twice."""
+        The entry is closed before the publish, with the frame in its outbox until the PUBACK
+        (deliver): a crash between the two re-sends the frame rather than running the prompt twice."""
         code = (frame.get("error") or {}).get("code")
         if code == ShuttingDown.code:
             return False  # stays in the journal: the next run answers it
         try:
-            self.journal.finish(key, None if code else payload)
+            self.journal.finish(key, None if code else payload, outbox=payload)
         except Exception as e:
             self.repeats.error(log, "journal", "MQTT: the journal failed: %s", e)
         return True
+
+    def deliver(self, key: int, publish) -> None:
+        """publish() a final frame and clear journal entry `key`'s outbox once the broker has it.
+
+        Why the early set: paho handles a PUBACK on its network thread, under its own lock,
+        and can do so before publish() has returned the mid here; holding our lock across
+        publish() instead would deadlock against that thread."""
+        with self._outbox_lock:
+            self._publishing += 1
+        info = None
+        try:
+            info = publish()
+        finally:
+            with self._outbox_lock:
+                self._publishing -= 1
+                queued = info is not None and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
+                done = not queued or info.mid in self._acked_early
+                if queued and not done:
+                    self._outbox[info.mid] = key
+                if queued:
+                    self._acked_early.discard(info.mid)
+                if not self._publishing:
+                    self._acked_early.clear()
+        if done:  # acknowledged already, or it cannot be sent at all (logged by publish)
+            self._sent(key)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._outbox_lock:
+            key = self._outbox.pop(mid, None)
+            if key is None and self._publishing:
+                self._acked_early.add(mid)
+        if key is not None:
+            self._sent(key)
+
+    def _sent(self, key: int) -> None:
+        try:
+            self.journal.sent(key)
+        except Exception as e:
+            self.repeats.error(log, "journal", "MQTT: the journal failed: %s", e)
 
     def announce(self, telemetry: dict, info: dict) -> None:
         """Publish an event on the telemetry topic and refresh the retained info with `info` added."""
@@ -353,7 +420,8 @@ class MqttTransport(Transport):
             except Exception:  # the loop outlives any one failure
                 self.repeats.error(log, "telemetry", "MQTT: telemetry failed", exc_info=True)
 
-    def publish(self, topic: str, payload: bytes, props: Properties, *, qos: int | None = None, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, props: Properties, *, qos: int | None = None,
+                retain: bool = False) -> mqtt.MQTTMessageInfo | None:
         """Publish a reply; a failure is logged (once per kind, then counted) and never raised
         or retried: the topic was validated, so a failure here is the connection's."""
         try:
@@ -361,8 +429,10 @@ class MqttTransport(Transport):
                                        properties=props)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self.repeats.warning(log, f"publish-{info.rc}", "MQTT: publish failed: %s", mqtt.error_string(info.rc))
+            return info
         except Exception as e:
             self.repeats.warning(log, f"publish-{type(e).__name__}", "MQTT: publish failed: %s", type(e).__name__)
+            return None
 
 
 def _nodelay(client) -> None:
@@ -447,13 +517,15 @@ class Requester(protocol.Peer):
         if frame.get("id") is None and self.corr_id is not None:
             frame = {**frame, "id": self.corr_id}
         payload = protocol.encode(frame)[:-1]
-        if final and self.journal_key is not None and not self.t.finished(self.journal_key, frame, payload):
+        if final and self.journal_key is not None:
+            if self.t.finished(self.journal_key, frame, payload):
+                self.t.deliver(self.journal_key, lambda: self.publish(payload))
             return
         self.publish(payload)
 
-    def publish(self, payload: bytes) -> None:
+    def publish(self, payload: bytes) -> mqtt.MQTTMessageInfo | None:
         props = Properties(PacketTypes.PUBLISH)
         if self.corr_id is not None:
             props.CorrelationData = self.corr
         props.ContentType = "application/json"
-        self.t.publish(self.topic or self.t.error_topic, payload, props)
+        return self.t.publish(self.topic or self.t.error_topic, payload, props)
