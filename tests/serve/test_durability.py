@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
 import time
 
 import pytest
@@ -95,7 +96,9 @@ def test_answer_made_while_the_broker_was_away_survives_a_kill(tmp_path, tiny_st
     dev = Device(broker, client_id="away-0", clean=False).connect()
     dev.request({"id": "q", "prompt": "count", "stream": True, "options": {"num_predict": 200}}, corr=b"q")
     wait_for(lambda: any("delta" in f for _, f in dev.frames), what="the first delta")
+    first.proc.send_signal(signal.SIGSTOP)  # so the answer cannot be done before the broker is gone
     broker.stop()
+    first.proc.send_signal(signal.SIGCONT)
     with SocketClient(cfg["socket"]["path"], timeout=30) as c:
         wait_for(lambda: c.call({"op": "status"})["status"]["in_flight"] == 0, what="the answer to be made")
     first.proc.kill()
