@@ -289,9 +289,14 @@ class Journal:
             self._seq, (self._answers, self._answer_bytes) = seq, counts
 
     def sent(self, key: int) -> None:
-        """The broker has the row's outbox: forget it (and the row, if nothing else keeps it)."""
+        """The broker has the row's outbox: forget it (and the row, if nothing else keeps it).
+
+        Not synced (the next synced commit carries it to disk): lost in a power cut, it
+        only makes the next run send that frame once more, and a sync here would be a
+        third one per request on paho's network thread."""
         with self._lock:
             conn = self._conn
+            conn.execute("PRAGMA synchronous=OFF")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute("DELETE FROM requests WHERE key = ? AND state = 2", (key,))
@@ -301,6 +306,8 @@ class Journal:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            finally:
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def unsent(self) -> list[tuple[int, dict, bytes]]:
         """(key, properties, frame) of every final frame the broker never acknowledged, oldest first."""
