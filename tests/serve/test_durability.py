@@ -91,18 +91,19 @@ def test_answer_made_while_the_broker_was_away_survives_a_kill(tmp_path, tiny_st
     """The answer is in paho's queue, not at the broker, when the daemon is killed: the next
     run sends it (it is not lost, and the prompt does not run again)."""
     cfg = daemon_config(tmp_path, tiny_store.root, broker=broker)
-    first = DaemonProcess(tmp_path, cfg).wait_ready()
-    wait_for(lambda: "MQTT: connected" in first.logtext(), what="the daemon's MQTT connection")
     dev = Device(broker, client_id="away-0", clean=False).connect()
-    dev.request({"id": "q", "prompt": "count", "stream": True, "options": {"num_predict": 200}}, corr=b"q")
-    wait_for(lambda: any("delta" in f for _, f in dev.frames), what="the first delta")
-    first.proc.send_signal(signal.SIGSTOP)  # so the answer cannot be done before the broker is gone
-    broker.stop()
-    first.proc.send_signal(signal.SIGCONT)
-    with SocketClient(cfg["socket"]["path"], timeout=30) as c:
-        wait_for(lambda: c.call({"op": "status"})["status"]["in_flight"] == 0, what="the answer to be made")
-    first.proc.kill()
-    first.proc.wait(WAIT)
+    with DaemonProcess(tmp_path, cfg) as first:  # killed on the way out, whatever happens
+        first.wait_ready()
+        wait_for(lambda: "MQTT: connected" in first.logtext(), what="the daemon's MQTT connection")
+        dev.request({"id": "q", "prompt": "count", "stream": True, "options": {"num_predict": 200}}, corr=b"q")
+        wait_for(lambda: any("delta" in f for _, f in dev.frames), what="the first delta")
+        first.proc.send_signal(signal.SIGSTOP)  # so the answer cannot be done before the broker is gone
+        broker.stop()
+        first.proc.send_signal(signal.SIGCONT)
+        with SocketClient(cfg["socket"]["path"], timeout=30) as c:
+            wait_for(lambda: c.call({"op": "status"})["status"]["in_flight"] == 0, what="the answer to be made")
+        first.proc.kill()
+        first.proc.wait(WAIT)
     assert dev.finals() == []
     broker.start()
     second = DaemonProcess(tmp_path, cfg)
