@@ -75,6 +75,12 @@ def _get(run: dict, key: str):
     return (run.get("prefix") or {}).get(key) if "error" not in run else None
 
 
+def _fastest(rs: list[dict], key: str) -> float | None:
+    """The fastest `key` try of all rounds: the least contended one on a shared machine."""
+    vals = [t for r in rs if "error" not in r for t in ((r.get("prefix") or {}).get(key) or [])]
+    return min(vals) if vals else None
+
+
 def derive(results: dict) -> None:
     """results["prefix_cache"]: medians per engine and the ratios (paired by round:
     the engines ran back to back); the headline ratios at the top level too."""
@@ -84,8 +90,7 @@ def derive(results: dict) -> None:
         rs = runs.get(eng) or []
         if any(_get(r, "cached_ttft_s") is not None for r in rs):
             out[eng] = {k: median(_get(r, f"{k}_ttft_s") for r in rs) for k in ("uncached", "cached", "after_other")}
-            out[eng]["fastest"] = {k: min((t for r in rs if "error" not in r for t in (r.get("prefix") or {}).get(k) or []),
-                                          default=None) for k in ("uncached", "cached", "after_other")}
+            out[eng]["fastest"] = {k: _fastest(rs, k) for k in ("uncached", "cached", "after_other")}
             first = next(r["prefix"] for r in rs if _get(r, "cached_ttft_s") is not None)
             out[eng]["prompt_tokens"] = first.get("prompt_tokens")
             out[eng]["shared_tokens"] = first.get("shared_tokens")
@@ -99,10 +104,6 @@ def derive(results: dict) -> None:
     def paired(key):
         return median(ratio(_get(x, f"{key}_ttft_s"), _get(y, f"{key}_ttft_s")) for x, y in zip(e, lc))
 
-    def best(rs, key):  # the fastest try of all rounds: the least contended one on a shared machine
-        vals = [t for r in rs for t in ((r.get("prefix") or {}).get(key) or []) if "error" not in r]
-        return min(vals) if vals else None
-
     r = {
         "prefix_cache_ttft_ratio": own(e, "cached"),
         "prefix_cache_ttft_ratio_after_other": own(e, "after_other"),
@@ -110,8 +111,8 @@ def derive(results: dict) -> None:
         "prefix_cache_ttft_ratio_vs_llamacpp_after_other": paired("after_other"),
         "llamacpp_prefix_cache_ttft_ratio": own(lc, "cached"),
         "llamacpp_prefix_cache_ttft_ratio_after_other": own(lc, "after_other"),
-        "prefix_cache_ttft_ratio_best": ratio(best(e, "cached"), best(e, "uncached")),
-        "prefix_cache_ttft_ratio_vs_llamacpp_cached_best": ratio(best(e, "cached"), best(lc, "cached")),
+        "prefix_cache_ttft_ratio_best": ratio(_fastest(e, "cached"), _fastest(e, "uncached")),
+        "prefix_cache_ttft_ratio_vs_llamacpp_cached_best": ratio(_fastest(e, "cached"), _fastest(lc, "cached")),
     }
     if out or any(v is not None for v in r.values()):
         results["prefix_cache"] = {"engines": out, "ratios": r,
