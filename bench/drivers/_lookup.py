@@ -46,7 +46,8 @@ def measure(runners: dict, spec: dict, kinds: dict | None = None) -> dict:
 
 def edged(engine, spec: dict) -> dict:
     """edged with speculation on and off (engine.speculative), through the engine API."""
-    from edged.engine.request import GenerateRequest
+    from _edged import request as edged_request
+    from _edged import token_counts
 
     lk = spec["lookup"]
     available = engine.runner.multi_logits and engine.config.lookup  # a graph with num_logits, not turned off
@@ -54,25 +55,14 @@ def edged(engine, spec: dict) -> dict:
 
     def request(task, n):
         # raw: the task's text is the rendered chat prompt, so the ids are the anchors' ids
-        return GenerateRequest.from_dict({"prompt": task["text"], "raw": True, "options": {
-            "temperature": 0, "num_predict": n, "repeat_penalty": 1.0, "top_k": 1}}, max_prompt_chars=None)
+        return edged_request(task["text"], n)
 
     def runner(on: bool):
         def run(task, n):
             engine.speculative = available and on
             try:
                 gen = engine.generate(request(task, n))
-
-                def tokens():
-                    produced = 0
-                    for _delta in gen:
-                        while produced < len(gen.tokens):
-                            produced += 1
-                            yield produced
-                    while produced < len(gen.tokens):
-                        produced += 1
-                        yield produced
-                r = timed(tokens())
+                r = timed(token_counts(gen))
             finally:
                 engine.speculative = saved
             st = gen.stats

@@ -11,6 +11,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _lookup  # noqa: E402
 import _prefix  # noqa: E402
+from _edged import request, token_counts  # noqa: E402
 from _driver_common import (emit, load_spec, measure_stream, onnx_matmul_weight_bytes,  # noqa: E402
                             peak_rss_bytes, rss_now_bytes, warmup_tokens)
 
@@ -18,7 +19,6 @@ spec = load_spec()
 
 from edged.engine.batch import BatchDecoder  # noqa: E402
 from edged.engine.prefix import PrefixCache  # noqa: E402
-from edged.engine.request import GenerateRequest  # noqa: E402
 from edged.engine.runner import EngineConfig  # noqa: E402
 from edged.models.loading import load_engine  # noqa: E402
 from edged.models.store import ModelStore  # noqa: E402
@@ -35,26 +35,10 @@ if spec.get("lookup_only"):  # python -m bench.lookup
 engine.speculative = False
 
 
-def request(text: str, n: int, fmt=None) -> GenerateRequest:
-    # raw: the prompt's tokens are exactly the ids the anchors get; greedy, no penalties
-    return GenerateRequest.from_dict(
-        {"prompt": text, "raw": True, "format": fmt,
-         "options": {"temperature": 0, "num_predict": n, "repeat_penalty": 1.0, "top_k": 1}},
-        max_prompt_chars=None)
-
-
 def stream(text: str, n: int, info: dict, fmt=None):
     def start():
         gen = engine.generate(request(text, n, fmt), cancel=threading.Event())
-        produced = 0
-        for _delta in gen:
-            # deltas are text; count the tokens behind them
-            while produced < len(gen.tokens):
-                produced += 1
-                yield produced
-        while produced < len(gen.tokens):  # tail flushed after the last token
-            produced += 1
-            yield produced
+        yield from token_counts(gen)
         info.update(gen.stats)
     return start
 
