@@ -121,6 +121,37 @@ def test_answer_made_while_the_broker_was_away_survives_a_kill(tmp_path, tiny_st
         dev.close()
 
 
+def test_unsent_answer_to_a_topic_the_policy_no_longer_allows_is_dropped(tmp_path, tiny_store, broker):
+    """A journal row is data from disk too: its reply topic is checked again before a re-send
+    (here one the reply policy refuses, as after the policy was narrowed), and it is never
+    published there; a good unsent answer beside it still goes out."""
+    from edged.transports.journal import Journal
+
+    cfg = daemon_config(tmp_path, tiny_store.root, broker=broker)
+    dev = Device(broker, client_id="unsent-0", clean=False).connect()
+    spy = Device(broker).connect("#")
+    j = Journal(cfg["mqtt"]["journal"])
+    for rid, topic in (("bad", "home/door/set"), ("good", dev.reply_topic)):
+        key, _, _ = j.begin(f"mqtt:|{topic}", rid, "edged/testnode/request", b"{}",
+                            {"response_topic": topic, "correlation_data": rid.encode().hex(), "expiry_at": None})
+        frame = json.dumps({"id": rid, "done": True, "response": "stored"}).encode()
+        j.finish(key, frame, outbox=frame)
+    j.close()
+    with DaemonProcess(tmp_path, cfg) as d:
+        d.wait_ready()
+        (corr, final), = dev.wait_finals(1)
+        assert corr == b"good" and final["response"] == "stored"
+        time.sleep(1.0)
+        assert "its reply topic is no longer allowed" in d.logtext()
+        assert not [t for t, _ in spy.raw if t == "home/door/set"]
+        d.stop()
+    j = Journal(cfg["mqtt"]["journal"])
+    assert j.unsent() == []  # neither is tried again at the next start
+    j.close()
+    dev.close()
+    spy.close()
+
+
 def test_redelivery_memory_survives_a_restart(tmp_path, tiny_store, broker):
     """A device that sends the same request again after the daemon restarted gets the stored
     answer, not a second run."""
